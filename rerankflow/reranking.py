@@ -1,0 +1,257 @@
+"""Second-stage scoring: a cross-encoder checkpoint in torch, or a served ``/v1/ranking`` endpoint.
+
+Both return **raw logits** (no sigmoid), one per (query, passage) pair, so scores of the
+checkpoint and of the endpoint serving it are directly comparable.
+
+* :class:`CrossEncoderScorer` loads any Hugging Face checkpoint that
+  ``AutoModelForSequenceClassification`` reads. A pair is rendered with the shared reranker prompt
+  template (:func:`rerankflow.formatting.format_pair`) into the single text the model was fine-tuned
+  on, tokenized once with truncation at ``max_length`` (the end of the passage is cut, like the
+  endpoint's ``truncate: END``), then batched **sorted by token length** so each batch pads only to
+  its own longest member. bf16 autocast is used on CUDA when asked.
+* :class:`EndpointRanker` sends a query's candidates to an NVIDIA-NIM-shaped ``POST /v1/ranking``
+  (``{"model", "query": {"text"}, "passages": [{"text"}], "truncate"}`` ->
+  ``{"rankings": [{"index", "logit"}]}``) in batches of ``batch_size`` passages, with up to
+  ``concurrency`` requests in flight, retrying 429/5xx/timeouts with backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from .beir import passage_text
+from .formatting import DEFAULT_PROMPT_TEMPLATE, check_template, format_pair
+from .models import pick_device
+
+log = logging.getLogger(__name__)
+
+
+def _tqdm(iterable=None, **kw):
+    from tqdm.auto import tqdm
+
+    kw.setdefault("mininterval", 2.0)
+    return tqdm(iterable, **kw)
+
+
+class CrossEncoderScorer:
+    """Score (query, passage) pairs with a sequence-classification checkpoint.
+
+    ``score(pairs)`` returns a float32 array of raw logits aligned with ``pairs``. With one output
+    label the logit is that label's; with two (a binary classifier) it is the positive-class logit
+    minus the negative-class logit, which ranks identically to the positive-class probability.
+    """
+
+    def __init__(self, model_path, max_length: int = 512, template: str = DEFAULT_PROMPT_TEMPLATE,
+                 device: str = "auto", bf16: bool = False, batch_size: int = 32, threads: int | None = None):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.model_path = str(model_path)
+        self.template = check_template(template)
+        self.max_length = int(max_length)
+        self.batch_size = int(batch_size)
+        self.device = pick_device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.model = AutoModelForSequenceClassification.from_pretrained(self.model_path)
+        self.model.to(self.device).eval()
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.num_labels = int(self.model.config.num_labels)
+        if self.num_labels not in (1, 2):
+            raise ValueError(f"{self.model_path}: a reranker needs 1 (or 2) output labels, this checkpoint has {self.num_labels}")
+        self.bf16 = bool(bf16) and self.device.startswith("cuda")
+        if bf16 and not self.bf16:
+            log.info("bf16 requested but device is %s: scoring in fp32", self.device)
+
+    def _logits(self, batch_ids: list[list[int]]) -> np.ndarray:
+        import torch
+
+        width = max(len(x) for x in batch_ids)
+        input_ids = torch.full((len(batch_ids), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(batch_ids), width), dtype=torch.long)
+        left = getattr(self.tokenizer, "padding_side", "right") == "left"
+        for row, ids in enumerate(batch_ids):  # pad on the tokenizer's side
+            span = slice(width - len(ids), width) if left else slice(0, len(ids))
+            input_ids[row, span] = torch.tensor(ids, dtype=torch.long)
+            attention[row, span] = 1
+        enc = {"input_ids": input_ids, "attention_mask": attention}
+        if "token_type_ids" in self.tokenizer.model_input_names:
+            # one text segment (the rendered prompt): all zeros, what the tokenizer gives a single text
+            enc["token_type_ids"] = torch.zeros_like(input_ids)
+        enc = {k: v.to(self.device) for k, v in enc.items()}
+        with torch.inference_mode():
+            if self.bf16:
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    logits = self.model(**enc).logits
+            else:
+                logits = self.model(**enc).logits
+        logits = logits.float()
+        if self.num_labels == 1:
+            out = logits[:, 0]
+        else:
+            out = logits[:, 1] - logits[:, 0]
+        return out.cpu().numpy().astype(np.float32)
+
+    def tokenize(self, pairs: Sequence[tuple[str, str]]) -> list[list[int]]:
+        texts = [format_pair(q, p, self.template) for q, p in pairs]
+        return self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=False,
+                              return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+
+    def score(self, pairs: Sequence[tuple[str, str]], sort_by_length: bool = True, progress: bool = True,
+              desc: str = "rerank") -> np.ndarray:
+        """Raw logits for ``pairs`` (aligned with the input order)."""
+        n = len(pairs)
+        scores = np.zeros(n, dtype=np.float32)
+        if n == 0:
+            return scores
+        ids = self.tokenize(pairs)
+        order = np.argsort([-len(x) for x in ids], kind="stable") if sort_by_length else np.arange(n)
+        bs = self.batch_size
+        starts = range(0, n, bs)
+        it = _tqdm(starts, desc=desc, unit="batch", total=len(starts), disable=not progress)
+        for start in it:
+            idx = order[start:start + bs]
+            scores[idx] = self._logits([ids[i] for i in idx])
+        return scores
+
+
+def candidate_pairs(run: Mapping[str, Mapping[str, float]], queries: Mapping[str, str],
+                    corpus: Mapping[str, dict]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Flatten a first-stage run into ``(keys [(qid, doc_id)], pairs [(query, passage text)])``."""
+    keys, pairs = [], []
+    for qid, docs in run.items():
+        for did in docs:
+            keys.append((qid, did))
+            pairs.append((queries[qid], passage_text(corpus[did])))
+    return keys, pairs
+
+
+def rerank_run(run, queries, corpus, scorer: CrossEncoderScorer, sort_by_length: bool = True, desc: str = "rerank") -> dict:
+    """Rescore every candidate of ``run`` with ``scorer``; returns ``{qid: {doc_id: logit}}``."""
+    keys, pairs = candidate_pairs(run, queries, corpus)
+    scores = scorer.score(pairs, sort_by_length=sort_by_length, desc=desc)
+    out: dict[str, dict[str, float]] = {qid: {} for qid in run}
+    for (qid, did), s in zip(keys, scores):
+        out[qid][did] = float(s)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Served endpoint
+
+
+class EndpointError(RuntimeError):
+    """The ranking endpoint could not be reached or answered something unusable."""
+
+
+def ranking_url(endpoint: str) -> str:
+    """Accept a base URL (``http://host:8000``, ``.../v1``) or the full ``.../v1/ranking`` URL."""
+    url = endpoint.rstrip("/")
+    if url.endswith("/ranking") or url.endswith("/reranking"):
+        return url
+    if url.endswith("/v1"):
+        return url + "/ranking"
+    return url + "/v1/ranking"
+
+
+class EndpointRanker:
+    """Client of a served ``POST /v1/ranking`` (NVIDIA NIM request/response shape).
+
+    ``api_key_env`` names an environment variable whose value is sent as a bearer token; the
+    key itself is never logged or written anywhere.
+    """
+
+    RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+
+    def __init__(self, endpoint: str, model: str, batch_size: int = 64, concurrency: int = 4, timeout: float = 60.0,
+                 truncate: str = "END", retries: int = 3, api_key_env: str | None = None):
+        import httpx
+
+        self.url = ranking_url(endpoint)
+        self.model = model
+        self.batch_size = max(1, int(batch_size))
+        self.concurrency = max(1, int(concurrency))
+        self.truncate = truncate
+        self.retries = int(retries)
+        headers = {"accept": "application/json"}
+        if api_key_env:
+            key = os.environ.get(api_key_env)
+            if not key:
+                raise EndpointError(f"eval.endpoint_api_key_env names {api_key_env!r}, which is not set in the environment")
+            headers["authorization"] = f"Bearer {key}"
+        self._client = httpx.Client(timeout=timeout, headers=headers,
+                                    limits=httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency))
+
+    def close(self):
+        self._client.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def rank(self, query: str, passages: Sequence[str]) -> np.ndarray:
+        """Logits of ``passages`` for ``query`` in one request, aligned with ``passages``."""
+        import httpx
+
+        body = {"model": self.model, "query": {"text": query}, "passages": [{"text": p} for p in passages],
+                "truncate": self.truncate}
+        delay = 0.5
+        for attempt in range(self.retries + 1):
+            try:
+                resp = self._client.post(self.url, json=body)
+            except (httpx.TimeoutException, httpx.TransportError) as exc:
+                if attempt == self.retries:
+                    raise EndpointError(f"POST {self.url} failed after {attempt + 1} attempts: {exc!r}") from None
+                time.sleep(delay)
+                delay *= 2
+                continue
+            if resp.status_code in self.RETRY_STATUS and attempt < self.retries:
+                time.sleep(delay)
+                delay *= 2
+                continue
+            if resp.status_code != 200:
+                raise EndpointError(f"POST {self.url} answered HTTP {resp.status_code}: {resp.text[:300]}")
+            return self._parse(resp, len(passages))
+        raise EndpointError(f"POST {self.url}: no answer")  # pragma: no cover
+
+    def _parse(self, resp, n: int) -> np.ndarray:
+        try:
+            rankings = resp.json()["rankings"]
+            scores = np.full(n, np.nan, dtype=np.float64)
+            for r in rankings:
+                scores[int(r["index"])] = float(r["logit"])
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            raise EndpointError(f"POST {self.url}: response is not {{'rankings': [{{'index', 'logit'}}]}} for {n} passages ({exc!r}): {resp.text[:300]}") from None
+        if np.isnan(scores).any():
+            missing = [int(i) for i in np.flatnonzero(np.isnan(scores))[:5]]
+            raise EndpointError(f"POST {self.url}: response lacks rankings for passage indexes {missing} (of {n})")
+        return scores.astype(np.float32)
+
+    def rerank_run(self, run, queries, corpus, desc: str = "endpoint") -> dict:
+        """Score every candidate of ``run`` through the endpoint; returns ``{qid: {doc_id: logit}}``."""
+        jobs = []
+        for qid, docs in run.items():
+            dids = list(docs)
+            for start in range(0, len(dids), self.batch_size):
+                chunk = dids[start:start + self.batch_size]
+                jobs.append((qid, chunk))
+        out: dict[str, dict[str, float]] = {qid: {} for qid in run}
+
+        def work(job):
+            qid, chunk = job
+            return qid, chunk, self.rank(queries[qid], [passage_text(corpus[d]) for d in chunk])
+
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            for qid, chunk, scores in _tqdm(pool.map(work, jobs), total=len(jobs), desc=desc, unit="req"):
+                for did, s in zip(chunk, scores):
+                    out[qid][did] = float(s)
+        return out
