@@ -70,6 +70,7 @@ EVAL_DEFAULTS = {
     "endpoint_concurrency": 4,
     "endpoint_timeout": 60.0,
     "endpoint_truncate": "END",
+    "endpoint_retries": 3,
     "endpoint_api_key_env": None,
     "parity_tolerance_k_below_5": 0.03,
     "parity_tolerance_k_from_5": 0.01,
@@ -376,7 +377,7 @@ def evaluate(eval_data_dir, out_dir, *, eval_cfg: dict, retrieval_cfg: dict, rer
             models["endpoint"] = {"url": cfg["endpoint"], "model": model_name}
             with EndpointRanker(cfg["endpoint"], model_name, batch_size=cfg["endpoint_batch_size"],
                                 concurrency=cfg["endpoint_concurrency"], timeout=cfg["endpoint_timeout"],
-                                truncate=cfg["endpoint_truncate"], api_key_env=cfg["endpoint_api_key_env"]) as ranker:
+                                truncate=cfg["endpoint_truncate"], retries=int(cfg["endpoint_retries"]), api_key_env=cfg["endpoint_api_key_env"]) as ranker:
                 runs["endpoint"] = ranker.rerank_run(first_run, eval_queries, corpus)
             t2 = time.perf_counter()
             timings["endpoint"] = {"score_s": round(t2 - t1, 3), "pairs": n_pairs, "pairs_per_s": round(n_pairs / max(t2 - t1, 1e-9), 2)}

@@ -223,7 +223,8 @@ def test_endpoint_mismatch_writes_results_then_fails(setup, tmp_path):
 def test_unreachable_endpoint_keeps_other_results(setup, tmp_path):
     from rerankflow.reranking import EndpointError
 
-    cfg = {**EVAL_CFG, "eval_base": False, "endpoint": "http://127.0.0.1:9", "endpoint_model": "m", "endpoint_timeout": 2}
+    cfg = {**EVAL_CFG, "eval_base": False, "endpoint": "http://127.0.0.1:9", "endpoint_model": "m", "endpoint_timeout": 2,
+           "endpoint_retries": 0}
     with pytest.raises(EndpointError, match="could not be evaluated"):
         evaluate(setup["data"], tmp_path, eval_cfg=cfg, retrieval_cfg=setup["retrieval"], reranker_cfg=RERANKER_CFG,
                  finetuned_checkpoint=setup["finetuned"], device="cpu")
