@@ -1,0 +1,52 @@
+# Stage 3: first-stage dense retrieval, rerank with the base and fine-tuned rerankers (and a served
+# endpoint when eval.endpoint is set), pytrec_eval metrics with paired bootstrap CIs and significance
+# tests, per-query results, TREC runs, a table and a plot for `snakemake --report report.html`.
+
+
+def eval_inputs(wildcards):
+    """The eval BEIR folder, plus the rerankers that are evaluated (a hub id needs no input)."""
+    inputs = {"data": eval_data_dir()}
+    if config["eval"]["eval_base"] and base_model_dir():
+        inputs["base_model"] = base_model_dir()
+    if config["eval"]["eval_finetuned"]:
+        inputs["checkpoint"] = finetuned_checkpoint()
+    return inputs
+
+
+rule evaluate:
+    input:
+        unpack(eval_inputs),
+    output:
+        results=f"{OUT}/stage3_eval/eval_results.json",
+        per_query=f"{OUT}/stage3_eval/per_query.json",
+        runs=directory(f"{OUT}/stage3_eval/runs"),
+        table=report(
+            f"{OUT}/stage3_eval/eval_table.tsv",
+            caption="../report/eval_table.rst",
+            category="3. Evaluation",
+            labels={"figure": "metrics per system, paired CIs"},
+        ),
+        plot=report(
+            f"{OUT}/stage3_eval/ndcg_plot.png",
+            caption="../report/ndcg_plot.rst",
+            category="3. Evaluation",
+            labels={"figure": "nDCG@k per system"},
+        ),
+    params:
+        eval=config["eval"],
+        retrieval=config["retrieval"],
+        reranker=config["reranker"],
+        base_model=base_model_path(),
+        seed=config["seed"],
+        device=config["device"],
+    log:
+        "logs/evaluate.log",
+    benchmark:
+        "logs/benchmarks/evaluate.tsv"
+    threads: workflow.cores
+    resources:
+        gpu=0 if config["device"] == "cpu" else 1,
+        mem_mb=16000,
+        runtime=120,
+    script:
+        "../scripts/evaluate.py"
