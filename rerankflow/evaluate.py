@@ -457,8 +457,9 @@ def evaluate(eval_data_dir, out_dir, *, eval_cfg: dict, retrieval_cfg: dict, rer
     parity = results.get("endpoint_parity")
     if parity and parity.get("passed") is False:
         fail = _save_failure_copy(out_dir, results, per_query_doc)
+        bad = sorted((c for c in parity["checks"] if not c["ok"]), key=lambda c: c["metric"] != cfg["comparison_metric"])
         worst = ", ".join(f"{c['metric']}: finetuned {c['finetuned']:.4f} vs endpoint {c['endpoint']:.4f} (|diff| {c['abs_diff']:.4f} > {c['tolerance']})"
-                          for c in parity["checks"] if not c["ok"])
+                          for c in bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
         raise EndpointParityError(
             f"endpoint parity FAILED: the served endpoint {cfg['endpoint']} does not reproduce the fine-tuned checkpoint "
             f"{checkpoint_info['resolved'] if checkpoint_info else ''} within NVIDIA's tolerances (0.03 for k<5, 0.01 for k>=5): {worst}. "
