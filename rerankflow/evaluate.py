@@ -121,12 +121,19 @@ def check_eval_config(eval_cfg: dict) -> dict:
     return cfg
 
 
-def resolve_checkpoint(path) -> Path:
-    """A Hugging Face checkpoint dir from a step dir, ``BEST``/``LATEST`` link or the dir itself."""
+def resolve_checkpoint(path) -> Path | str:
+    """A Hugging Face checkpoint dir from a step dir, ``BEST``/``LATEST`` link or the dir itself.
+
+    A string that is not a local path but looks like a hub id (``org/name``) is returned as is
+    (``from_pretrained`` resolves it; offline it must already be in the Hugging Face cache).
+    """
     p = Path(path)
     for cand in (p, p / "model" / "consolidated"):
         if (cand / "config.json").exists():
             return cand
+    text = str(path)
+    if not p.exists() and not text.startswith((".", "/", "~")) and text.count("/") == 1:
+        return text
     raise InputError("no Hugging Face checkpoint (config.json) here or under model/consolidated/", path=p)
 
 
@@ -365,7 +372,7 @@ def evaluate(eval_data_dir, out_dir, *, eval_cfg: dict, retrieval_cfg: dict, rer
                            "pairs_per_s": round(n_pairs / max(t2 - t1, 1e-9), 2)}
         models[system] = str(path)
         if system == "finetuned":
-            checkpoint_info = {"requested": cfg["finetuned_checkpoint"], "path": str(path), "resolved": os.path.realpath(ckpt)}
+            checkpoint_info = {"requested": cfg["finetuned_checkpoint"], "path": str(path), "resolved": os.path.realpath(ckpt) if isinstance(ckpt, Path) else ckpt}
         del scorer
         gc.collect()
 

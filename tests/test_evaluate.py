@@ -287,3 +287,18 @@ def test_dense_retrieve_hnsw_equals_flat_on_small_corpus(setup):
     hnsw, _ = dense_retrieve(*args, index="hnsw", **kw)
     assert info["corpus_size"] == 23 and all(len(d) == 5 for d in flat.values())
     assert {q: set(d) for q, d in flat.items()} == {q: set(d) for q, d in hnsw.items()}
+
+
+def test_resolve_checkpoint(setup, tmp_path):
+    from rerankflow.errors import InputError
+    from rerankflow.evaluate import resolve_checkpoint
+
+    step = setup["finetuned"]
+    assert resolve_checkpoint(step) == step / "model" / "consolidated"
+    (tmp_path / "ckpts").mkdir()
+    (tmp_path / "ckpts" / "BEST").symlink_to(step)
+    assert resolve_checkpoint(tmp_path / "ckpts" / "BEST").resolve() == (step / "model" / "consolidated").resolve()
+    assert resolve_checkpoint("cross-encoder/ms-marco-MiniLM-L-12-v2") == "cross-encoder/ms-marco-MiniLM-L-12-v2"
+    with pytest.raises(InputError, match=r"empty.*no Hugging Face checkpoint"):
+        (tmp_path / "empty").mkdir()
+        resolve_checkpoint(tmp_path / "empty")
