@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from rerankflow.beir import write_beir
-from rerankflow.evaluate import SYSTEMS, EndpointParityError, EvalConfigError, evaluate
+from rerankflow.evaluate import EndpointParityError, EvalConfigError, evaluate
 from rerankflow.reranking import CrossEncoderScorer, EndpointRanker, candidate_pairs
 from rerankflow.testing import tiny_bert
 
