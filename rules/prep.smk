@@ -25,5 +25,7 @@ rule prep:
     resources:
         mem_mb=8000,
         runtime=240,
+    conda:
+        "../envs/data.yaml"
     script:
         "../scripts/prep.py"

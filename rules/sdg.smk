@@ -14,6 +14,8 @@ rule write_default_corpus:
     resources:
         mem_mb=1000,
         runtime=10,
+    conda:
+        "../envs/data.yaml"
     script:
         "../scripts/write_default_corpus.py"
 
@@ -38,5 +40,7 @@ rule sdg:
     resources:
         mem_mb=4000,
         runtime=120,
+    conda:
+        "../envs/data.yaml"
     script:
         "../scripts/sdg.py"

@@ -1,4 +1,5 @@
 """Snakemake entry point: stage 1 prep (filter, split, corpus, hard-negative mining, BEIR eval set)."""
+import _repo  # noqa: F401  (rerankflow importable under --sdm conda)
 from rerankflow.prep import run_prep
 from rerankflow.scripting import rule_logging
 

@@ -1,4 +1,5 @@
 """Snakemake entry point: stage 0 synthetic data generation."""
+import _repo  # noqa: F401  (rerankflow importable under --sdm conda)
 from rerankflow.scripting import rule_logging
 from rerankflow.sdg import run_sdg
 
