@@ -48,5 +48,7 @@ rule evaluate:
         gpu=0 if config["device"] == "cpu" else 1,
         mem_mb=16000,
         runtime=120,
+    conda:
+        "../envs/train.yaml"
     script:
         "../scripts/evaluate.py"

@@ -1,4 +1,5 @@
 """Snakemake entry point: stage 3 evaluation (first stage, base, fine-tuned, endpoint)."""
+import _repo  # noqa: F401  (rerankflow importable under --sdm conda)
 from pathlib import Path
 
 from rerankflow.evaluate import evaluate
