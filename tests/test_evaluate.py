@@ -302,3 +302,34 @@ def test_resolve_checkpoint(setup, tmp_path):
     with pytest.raises(InputError, match=r"empty.*no Hugging Face checkpoint"):
         (tmp_path / "empty").mkdir()
         resolve_checkpoint(tmp_path / "empty")
+
+
+def _eval_schema_and_config():
+    import yaml
+
+    from conftest import REPO
+
+    schema = yaml.safe_load((REPO / "config" / "schema.yaml").read_text())
+    section = schema["properties"].get("eval")
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text()).get("eval")
+    if section is None:  # before the lead pastes the parts in
+        section = yaml.safe_load("properties:\n" + (REPO / "config" / "schema.eval.yaml.part").read_text())["properties"]["eval"]
+        config = yaml.safe_load((REPO / "config" / "config.eval.yaml.part").read_text())["eval"]
+    return section, config
+
+
+def test_schema_config_and_code_defaults_agree():
+    from rerankflow.evaluate import EVAL_DEFAULTS, check_eval_config
+
+    section, config = _eval_schema_and_config()
+    props = section["properties"]
+    assert section["additionalProperties"] is False
+    assert set(props) == set(EVAL_DEFAULTS) == set(config)
+    for key, spec in props.items():
+        assert spec.get("description") and "type" in spec, key
+        assert spec["default"] == EVAL_DEFAULTS[key] == config[key], key
+    assert check_eval_config(config)["k_values"] == [1, 5, 10, 100]
+    with pytest.raises(EvalConfigError, match=r"eval.*unknown key\(s\) \['topk'\]"):
+        check_eval_config({"topk": 3})
+    with pytest.raises(EvalConfigError, match=r"eval.comparison_metric.*'NDCG@3' is not computed"):
+        check_eval_config({"comparison_metric": "NDCG@3"})
