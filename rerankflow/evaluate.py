@@ -62,6 +62,7 @@ EVAL_DEFAULTS = {
     "hnsw_m": 32,
     "hnsw_ef_search": 256,
     "eval_base": True,
+    "base_input_format": "template",
     "eval_finetuned": True,
     "finetuned_checkpoint": "BEST",
     "endpoint": None,
@@ -116,6 +117,8 @@ def check_eval_config(eval_cfg: dict) -> dict:
         raise EvalConfigError(f"must be in (0, 1), got {cfg['confidence']!r}", key="eval.confidence")
     if int(cfg["bootstrap_samples"]) < 100:
         raise EvalConfigError(f"must be >= 100, got {cfg['bootstrap_samples']!r}", key="eval.bootstrap_samples")
+    if cfg["base_input_format"] not in ("template", "pair"):
+        raise EvalConfigError(f"must be 'template' or 'pair', got {cfg['base_input_format']!r}", key="eval.base_input_format")
     if cfg["endpoint_truncate"] not in ("END", "NONE"):
         raise EvalConfigError(f"must be 'END' or 'NONE', got {cfg['endpoint_truncate']!r}", key="eval.endpoint_truncate")
     return cfg
@@ -364,7 +367,8 @@ def evaluate(eval_data_dir, out_dir, *, eval_cfg: dict, retrieval_cfg: dict, rer
         ckpt = checkpoints[system]
         t0 = time.perf_counter()
         scorer = CrossEncoderScorer(ckpt, max_length=max_length, template=template, device=device, bf16=cfg["bf16"],
-                                    batch_size=cfg["batch_size"])
+                                    batch_size=cfg["batch_size"],
+                                    input_format=cfg["base_input_format"] if system == "base" else "template")
         t1 = time.perf_counter()
         runs[system] = rerank_run(first_run, eval_queries, corpus, scorer, sort_by_length=cfg["sort_by_length"], desc=system)
         t2 = time.perf_counter()
@@ -431,6 +435,7 @@ def evaluate(eval_data_dir, out_dir, *, eval_cfg: dict, retrieval_cfg: dict, rer
         "mrr_note": "MRR@k is computed from the run (trec_eval's recip_rank has no cutoff), ranking ties like trec_eval",
         "prefixes": {"query_prefix": prefixes.query_prefix, "passage_prefix": prefixes.passage_prefix},
         "prompt_template": template,
+        "input_formats": {"base": cfg["base_input_format"], "finetuned": "template"},
         "reranker_max_length": max_length,
         "device": device,
         "timings": {**timings, "total_s": round(time.perf_counter() - t_start, 3)},

@@ -32,6 +32,9 @@ from .models import pick_device
 log = logging.getLogger(__name__)
 
 
+INPUT_FORMATS = ("template", "pair")
+
+
 def _tqdm(iterable=None, **kw):
     from tqdm.auto import tqdm
 
@@ -45,10 +48,17 @@ class CrossEncoderScorer:
     ``score(pairs)`` returns a float32 array of raw logits aligned with ``pairs``. With one output
     label the logit is that label's; with two (a binary classifier) it is the positive-class logit
     minus the negative-class logit, which ranks identically to the positive-class probability.
+
+    ``input_format``: ``"template"`` (default) renders each pair with the prompt template into one
+    text — what stage 2 fine-tunes on and what the export/serving stages feed; ``"pair"`` encodes
+    ``(query, passage)`` as a BERT sentence pair (``[CLS] q [SEP] p [SEP]``, segment ids 0/1), the
+    format off-the-shelf MS MARCO cross-encoders were trained with (use it to score a base model
+    the way it is normally used).
     """
 
     def __init__(self, model_path, max_length: int = 512, template: str = DEFAULT_PROMPT_TEMPLATE,
-                 device: str = "auto", bf16: bool = False, batch_size: int = 32, threads: int | None = None):
+                 device: str = "auto", bf16: bool = False, batch_size: int = 32, threads: int | None = None,
+                 input_format: str = "template"):
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -56,6 +66,9 @@ class CrossEncoderScorer:
             torch.set_num_threads(int(threads))
         self.model_path = str(model_path)
         self.template = check_template(template)
+        if input_format not in INPUT_FORMATS:
+            raise ValueError(f"input_format must be one of {INPUT_FORMATS}, got {input_format!r}")
+        self.input_format = input_format
         self.max_length = int(max_length)
         self.batch_size = int(batch_size)
         self.device = pick_device(device)
@@ -70,21 +83,25 @@ class CrossEncoderScorer:
         if bf16 and not self.bf16:
             log.info("bf16 requested but device is %s: scoring in fp32", self.device)
 
-    def _logits(self, batch_ids: list[list[int]]) -> np.ndarray:
+    def _logits(self, batch_ids: list[list[int]], batch_types: list[list[int]] | None = None) -> np.ndarray:
         import torch
 
         width = max(len(x) for x in batch_ids)
         input_ids = torch.full((len(batch_ids), width), self.pad_id, dtype=torch.long)
         attention = torch.zeros((len(batch_ids), width), dtype=torch.long)
         left = getattr(self.tokenizer, "padding_side", "right") == "left"
+        types = torch.zeros((len(batch_ids), width), dtype=torch.long)
         for row, ids in enumerate(batch_ids):  # pad on the tokenizer's side
             span = slice(width - len(ids), width) if left else slice(0, len(ids))
             input_ids[row, span] = torch.tensor(ids, dtype=torch.long)
             attention[row, span] = 1
+            if batch_types is not None:
+                types[row, span] = torch.tensor(batch_types[row], dtype=torch.long)
         enc = {"input_ids": input_ids, "attention_mask": attention}
         if "token_type_ids" in self.tokenizer.model_input_names:
-            # one text segment (the rendered prompt): all zeros, what the tokenizer gives a single text
-            enc["token_type_ids"] = torch.zeros_like(input_ids)
+            # template: one text segment, all zeros (what the tokenizer gives a single text);
+            # pair: the tokenizer's segment ids
+            enc["token_type_ids"] = types
         enc = {k: v.to(self.device) for k, v in enc.items()}
         with torch.inference_mode():
             if self.bf16:
@@ -99,10 +116,20 @@ class CrossEncoderScorer:
             out = logits[:, 1] - logits[:, 0]
         return out.cpu().numpy().astype(np.float32)
 
-    def tokenize(self, pairs: Sequence[tuple[str, str]]) -> list[list[int]]:
+    def encode(self, pairs: Sequence[tuple[str, str]]) -> tuple[list[list[int]], list[list[int]] | None]:
+        """Token ids (truncated at ``max_length``, unpadded) and segment ids (``pair`` format only)."""
+        if self.input_format == "pair":
+            enc = self.tokenizer([q for q, _p in pairs], [p for _q, p in pairs], truncation=True, max_length=self.max_length,
+                                 padding=False, return_attention_mask=False, return_token_type_ids=True)
+            return enc["input_ids"], enc.get("token_type_ids")
         texts = [format_pair(q, p, self.template) for q, p in pairs]
-        return self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=False,
-                              return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        enc = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=False,
+                             return_attention_mask=False, return_token_type_ids=False)
+        return enc["input_ids"], None
+
+    def tokenize(self, pairs: Sequence[tuple[str, str]]) -> list[list[int]]:
+        """Token ids of each pair as the model reads it (see :meth:`encode`)."""
+        return self.encode(pairs)[0]
 
     def score(self, pairs: Sequence[tuple[str, str]], sort_by_length: bool = True, progress: bool = True,
               desc: str = "rerank") -> np.ndarray:
@@ -111,14 +138,14 @@ class CrossEncoderScorer:
         scores = np.zeros(n, dtype=np.float32)
         if n == 0:
             return scores
-        ids = self.tokenize(pairs)
+        ids, types = self.encode(pairs)
         order = np.argsort([-len(x) for x in ids], kind="stable") if sort_by_length else np.arange(n)
         bs = self.batch_size
         starts = range(0, n, bs)
         it = _tqdm(starts, desc=desc, unit="batch", total=len(starts), disable=not progress)
         for start in it:
             idx = order[start:start + bs]
-            scores[idx] = self._logits([ids[i] for i in idx])
+            scores[idx] = self._logits([ids[i] for i in idx], [types[i] for i in idx] if types is not None else None)
         return scores
 
 

@@ -333,3 +333,27 @@ def test_schema_config_and_code_defaults_agree():
         check_eval_config({"topk": 3})
     with pytest.raises(EvalConfigError, match=r"eval.comparison_metric.*'NDCG@3' is not computed"):
         check_eval_config({"comparison_metric": "NDCG@3"})
+
+
+@pytest.mark.parametrize("input_format", ["template", "pair"])
+def test_scorer_matches_a_direct_transformers_forward(setup, input_format):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rerankflow.formatting import format_pair
+
+    path = setup["base"]
+    pairs = [("what does yield do", "A generator function uses yield."), ("sets", "A set holds unique hashable elements " * 20),
+             ("q", "short")]
+    scorer = CrossEncoderScorer(path, max_length=48, device="cpu", batch_size=2, input_format=input_format)
+    got = scorer.score(pairs, progress=False)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    if input_format == "pair":
+        enc = tok([q for q, _ in pairs], [p for _, p in pairs], truncation=True, max_length=48, padding=True, return_tensors="pt")
+        assert enc["token_type_ids"].max() == 1
+    else:
+        enc = tok([format_pair(q, p) for q, p in pairs], truncation=True, max_length=48, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        want = model(**enc).logits[:, 0].numpy()
+    assert abs(got - want).max() < 1e-5
