@@ -3,19 +3,12 @@
 # tests, per-query results, TREC runs, a table and a plot for `snakemake --report report.html`.
 
 
-def eval_inputs(wildcards):
-    """The eval BEIR folder, plus the rerankers that are evaluated (a hub id needs no input)."""
-    inputs = {"data": eval_data_dir()}
-    if config["eval"]["eval_base"] and base_model_dir():
-        inputs["base_model"] = base_model_dir()
-    if config["eval"]["eval_finetuned"]:
-        inputs["checkpoint"] = finetuned_checkpoint()
-    return inputs
-
-
 rule evaluate:
     input:
-        unpack(eval_inputs),
+        # the eval BEIR folder, plus the rerankers that are evaluated (a hub-id base model needs no input)
+        data=eval_data_dir(),
+        base_model=base_model_dir() if config["eval"]["eval_base"] else [],
+        checkpoint=finetuned_checkpoint() if config["eval"]["eval_finetuned"] else [],
     output:
         results=f"{OUT}/stage3_eval/eval_results.json",
         per_query=f"{OUT}/stage3_eval/per_query.json",

@@ -13,7 +13,7 @@ with rule_logging(snakemake.log[0], snakemake.threads):
         retrieval_cfg=snakemake.params.retrieval,
         reranker_cfg=snakemake.params.reranker,
         base_model=snakemake.params.base_model if snakemake.params.eval["eval_base"] else None,
-        finetuned_checkpoint=snakemake.input.get("checkpoint"),
+        finetuned_checkpoint=str(snakemake.input.checkpoint) if snakemake.params.eval["eval_finetuned"] else None,
         device=snakemake.params.device,
         seed=snakemake.params.seed,
     )
