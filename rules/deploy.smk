@@ -1,0 +1,51 @@
+# Stage 5: serve the stage 4 export and record where it listens; stop_deploy stops exactly that.
+#
+#   snakemake --cores all output/rerank/stage5_deploy/endpoint.json   # start (detached) + smoke test
+#   snakemake --cores 1 output/rerank/stage5_deploy/stopped.json       # stop what deploy started
+#
+# Deploy is never part of the default target. Both rules run on the machine that runs
+# Snakemake (localrules), since the service must outlive the job.
+
+localrules: deploy, stop_deploy
+
+
+def deploy_model_file():
+    """The export the service serves: onnx/model.onnx, or onnx_int8/model.onnx for deploy.model: int8."""
+    sub = "onnx_int8" if config["deploy"].get("model", "onnx") == "int8" else "onnx"
+    return f"{OUT}/stage4_export/{sub}/model.onnx"
+
+
+rule deploy:
+    input:
+        model=deploy_model_file(),
+        eval_data=eval_data_dir(),
+    output:
+        endpoint=f"{OUT}/stage5_deploy/endpoint.json",
+    params:
+        deploy=config["deploy"],
+        reranker=config["reranker"],
+        server_log="logs/deploy_server.log",
+        # survives Snakemake's removal of endpoint.json before a re-run, so a re-deploy can
+        # stop the server it started before (and nothing else)
+        state_file=f"{OUT}/stage5_deploy/.running.json",
+    log:
+        "logs/deploy.log",
+    benchmark:
+        "logs/benchmarks/deploy.tsv"
+    script:
+        "../scripts/deploy.py"
+
+
+rule stop_deploy:
+    input:
+        endpoint=f"{OUT}/stage5_deploy/endpoint.json",
+    output:
+        stopped=f"{OUT}/stage5_deploy/stopped.json",
+    params:
+        timeout_s=20,
+    log:
+        "logs/stop_deploy.log",
+    benchmark:
+        "logs/benchmarks/stop_deploy.tsv"
+    script:
+        "../scripts/stop_deploy.py"
