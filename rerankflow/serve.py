@@ -163,7 +163,8 @@ class ApiError(Exception):
 class DynamicBatcher:
     """Gather pairs of concurrent requests into batches for one worker thread.
 
-    ``submit(items)`` splits ``items`` into chunks of at most ``max_batch_size`` and queues
+    ``submit(items)`` sorts ``items`` by length, splits them into chunks of at most
+    ``max_batch_size`` and queues
     them; the loop takes the oldest chunk, waits up to ``max_wait_ms`` for more (stopping early
     once ``max_batch_size`` pairs are queued), packs whole chunks in arrival order up to
     ``max_batch_size`` pairs, and runs ``run_fn`` on them in its worker thread. Chunks of
@@ -206,10 +207,13 @@ class DynamicBatcher:
         if not self.running:
             raise ApiError(503, "unavailable", "server is not ready")
         loop = asyncio.get_running_loop()
+        # chunk in length order, as OnnxScorer.run does: chunks are then identical to direct
+        # scoring of the same request, and rows of similar length share a padded batch
+        order = sorted(range(len(items)), key=lambda i: len(items[i]))
         futs = []
         for start in range(0, len(items), self.max_batch_size):
             fut = loop.create_future()
-            self._pending.append((list(items[start:start + self.max_batch_size]), fut))
+            self._pending.append(([items[i] for i in order[start:start + self.max_batch_size]], fut))
             futs.append(fut)
         self._wakeup.set()
         try:
@@ -218,7 +222,10 @@ class DynamicBatcher:
             for f in futs:
                 f.cancel()
             raise
-        return np.concatenate(parts) if parts else np.empty(0, dtype=np.float32)
+        out = np.empty(len(items), dtype=np.float32)
+        if parts:
+            out[order] = np.concatenate(parts)
+        return out
 
     def _queued_pairs(self) -> int:
         return sum(len(items) for items, _ in self._pending)
@@ -524,6 +531,7 @@ def build_server(settings: ServeSettings, scorer: OnnxScorer | None = None):
     import uvicorn
 
     app = create_app(settings, scorer)
+    logging.getLogger("uvicorn.access").disabled = True  # AccessLogMiddleware writes the one line per request
     config = uvicorn.Config(
         app,
         host=settings.host,
