@@ -266,8 +266,8 @@ def deploy_builtin(
     from .serve import ServeSettings, _read_token
 
     endpoint_file = Path(endpoint_file)
-    model_file = find_model_file(model).resolve()
-    tokenizer_file = find_tokenizer_file(model_file).resolve()
+    model_file = find_model_file(model).absolute()
+    tokenizer_file = find_tokenizer_file(model_file).absolute()
     smoke = build_smoke_request(eval_dir, int(deploy_cfg.get("smoke_passages", 8)))
     host = deploy_cfg.get("host", "127.0.0.1")
 
@@ -417,7 +417,7 @@ def nim_container_spec(export_dir: str | os.PathLike, deploy_cfg: dict, api_key:
             "NIM_HTTP_API_PORT": str(NIM_CONTAINER_PORT),
         },
         "volumes": {
-            str(Path(export_dir).resolve()): {"bind": NIM_MODEL_MOUNT, "mode": "ro"},
+            str(Path(export_dir).absolute()): {"bind": NIM_MODEL_MOUNT, "mode": "ro"},
             str(cache_dir): {"bind": NIM_CACHE_MOUNT, "mode": "rw"},
         },
     }
@@ -492,7 +492,7 @@ def deploy_nim(
     api_key = os.environ.get(key_env, "")
     if not api_key:
         raise InputError(f"the NIM backend needs an NGC API key in environment variable {key_env}", key="deploy.nim.api_key_env")
-    model_file = find_model_file(model).resolve()
+    model_file = find_model_file(model).absolute()
     export_dir = model_file.parent
     smoke = build_smoke_request(eval_dir, int(deploy_cfg.get("smoke_passages", 8)))
     if client is None:

@@ -563,3 +563,42 @@ def load_settings_file(path: str | os.PathLike) -> dict:
     if not isinstance(data, dict):
         raise InputError("expected a JSON object of server settings", path=path)
     return data
+
+
+class ThreadedServer:
+    """Run the service in a background thread of this process (tests, notebooks, benchmarks).
+
+    ``with ThreadedServer(settings) as srv: httpx.get(srv.url + "/v1/health/ready")``; leaving
+    the block shuts the server down gracefully.
+    """
+
+    def __init__(self, settings: ServeSettings, scorer: OnnxScorer | None = None, start_timeout_s: float = 60.0):
+        import threading
+
+        self.settings = settings
+        self.server = build_server(settings, scorer)
+        self.thread = threading.Thread(target=self.server.run, name="rerankflow-server", daemon=True)
+        self.start_timeout_s = start_timeout_s
+
+    @property
+    def url(self) -> str:
+        host = self.settings.host if self.settings.host not in ("0.0.0.0", "") else "127.0.0.1"
+        return f"http://{host}:{self.settings.port}"
+
+    @property
+    def app(self):
+        return self.server.config.app
+
+    def __enter__(self) -> "ThreadedServer":
+        self.thread.start()
+        t0 = time.monotonic()
+        while not self.server.started:
+            if time.monotonic() - t0 > self.start_timeout_s or not self.thread.is_alive():
+                self.server.should_exit = True
+                raise RuntimeError(f"server did not start on {self.settings.host}:{self.settings.port}")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(self.settings.graceful_timeout_s + 10)

