@@ -1,10 +1,7 @@
-"""Snakemake entry point of rule `stop_deploy`: stop the service recorded in endpoint.json, only that."""
-import logging
-import sys
+"""Snakemake entry point of rule `stop_deploy`: stop the service recorded in endpoint.json, and only that."""
+import _repo  # noqa: F401  (rerankflow importable under --sdm conda)
+from rerankflow.deploy import stop
+from rerankflow.scripting import rule_logging
 
-sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)  # noqa: F821
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-from rerankflow.deploy import stop  # noqa: E402
-
-stop(snakemake.input.endpoint, out_file=snakemake.output.stopped, timeout_s=float(snakemake.params.timeout_s))  # noqa: F821
+with rule_logging(snakemake.log[0]):
+    stop(snakemake.input.endpoint, out_file=snakemake.output.stopped, timeout_s=float(snakemake.params.timeout_s))
