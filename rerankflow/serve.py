@@ -7,7 +7,7 @@ Endpoints (all JSON):
   sorted by logit, highest first. ``truncate`` defaults to ``settings.default_truncate``
   (``NONE``, as in NIM): a pair longer than ``max_length`` tokens is then a 400; ``END`` cuts the
   end of the pair text, exactly as training did.
-* ``POST /v1/rerank`` — Cohere/Infinity shape. Request ``{"model"?, "query": str, "documents":
+* ``POST /v1/rerank`` (also ``/v2/rerank`` and ``/rerank``) — Cohere/Infinity shape. Request ``{"model"?, "query": str, "documents":
   [str | {"text"}], "top_n"?, "return_documents"?: bool, "truncate"?: "NONE"|"END" (default END)}``;
   response ``{"object": "rerank", "model", "results": [{"index", "relevance_score", "document"?:
   {"text"}}], "usage"}`` with ``relevance_score = sigmoid(logit)``, highest first, at most ``top_n``.
@@ -353,6 +353,8 @@ def create_app(settings: ServeSettings, scorer: OnnxScorer | None = None):
     created = int(time.time())
     batcher = DynamicBatcher(scorer.run, settings.max_batch_size, settings.max_wait_ms) if settings.dynamic_batching else None
     state = {"ready": False}
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and token is None:
+        log.warning("binding %s without auth: anyone who can reach this port can use the service", settings.host)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -493,6 +495,8 @@ def create_app(settings: ServeSettings, scorer: OnnxScorer | None = None):
         }
 
     @app.post("/v1/rerank")
+    @app.post("/v2/rerank", include_in_schema=False)  # Cohere v2 clients
+    @app.post("/rerank", include_in_schema=False)  # Infinity clients
     async def rerank(request: Request):
         check_auth(request)
         req = parse(RerankRequest, await read_json(request), "documents")

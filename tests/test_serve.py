@@ -147,6 +147,8 @@ def test_rerank_cohere_shape_matches_direct_scoring(client, scorer):
         assert x["document"] == {"text": PASSAGES[x["index"]]}
     r = client.post("/v1/rerank", json={"query": QUERY, "documents": PASSAGES})
     results = r.json()["results"]
+    for alias in ("/v2/rerank", "/rerank"):  # Cohere v2 and Infinity paths answer the same
+        assert client.post(alias, json={"query": QUERY, "documents": PASSAGES}).json()["results"] == results
     assert len(results) == len(PASSAGES) and "document" not in results[0]
     assert all(0.0 < x["relevance_score"] < 1.0 for x in results)
 
