@@ -55,6 +55,7 @@ def start_server(model: str, port: int, batching: bool, args) -> subprocess.Pope
         sys.executable, "-m", "rerankflow", "serve", "--model-dir", model, "--port", str(port),
         "--max-length", str(args.max_length), "--max-batch-size", str(args.max_batch_size),
         "--max-wait-ms", str(args.max_wait_ms), "--log-level", "warning",
+        "--batch-workers", str(args.batch_workers), "--intra-op-threads", str(args.intra_op_threads),
         "--dynamic-batching" if batching else "--no-dynamic-batching",
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -92,26 +93,23 @@ async def load(url: str, requests: list[dict], concurrency: int) -> tuple[list[f
     return latencies, errors, wall
 
 
+def cpu_seconds(pid: int) -> float:
+    """User+system CPU time of a process so far (Linux /proc), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
 
 
-def run_one(batching: bool, requests: list[dict], args) -> dict:
-    port = free_port()
-    proc = start_server(args.model, port, batching, args)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, 120, alive=lambda: None if proc.poll() is None else proc.stderr.read().decode()[-2000:])
-        asyncio.run(load(url, requests[: args.concurrency], args.concurrency))  # warm-up
-        lat, errors, wall = asyncio.run(load(url, requests, args.concurrency))
-    finally:
-        proc.terminate()
-        proc.wait(30)
-    pairs = sum(len(r["passages"]) for r in requests)
+def summarize(batching: bool, lat: list[float], errors: int, wall: float, pairs: int, n: int, cpu: float) -> dict:
     return {
+        "server_cpu_s": round(cpu, 2),
+        "pairs_per_cpu_s": round(pairs / cpu, 1) if cpu else None,
         "dynamic_batching": batching,
-        "requests": len(requests),
+        "requests": n,
         "errors": errors,
         "pairs": pairs,
         "wall_s": round(wall, 2),
@@ -119,6 +117,43 @@ def run_one(batching: bool, requests: list[dict], args) -> dict:
         "p50_ms": round(statistics.median(lat) * 1000, 1),
         "p99_ms": round(pct(lat, 0.99) * 1000, 1),
     }
+
+
+def run_interleaved(requests: list[dict], args) -> tuple[list[dict], list[float]]:
+    """Both servers up at once; rounds alternate on/off so background load hits both alike."""
+    servers = {}
+    try:
+        for batching in (True, False):
+            port = free_port()
+            proc = start_server(args.model, port, batching, args)
+            servers[batching] = (proc, f"http://127.0.0.1:{port}")
+        for batching, (proc, url) in servers.items():
+            wait_ready(url, 120, alive=lambda p=proc: None if p.poll() is None else p.stderr.read().decode()[-2000:])
+            asyncio.run(load(url, requests[: args.concurrency], args.concurrency))  # warm-up
+        per_round = max(args.concurrency, len(requests) // args.rounds)
+        acc = {True: ([], 0, 0.0, 0, 0, 0.0), False: ([], 0, 0.0, 0, 0, 0.0)}
+        round_ratios = []
+        for i, start in enumerate(range(0, len(requests), per_round)):
+            chunk = requests[start:start + per_round]
+            pairs = sum(len(r["passages"]) for r in chunk)
+            rates = {}
+            order = (True, False) if i % 2 == 0 else (False, True)
+            for batching in order:
+                proc, url = servers[batching]
+                cpu0 = cpu_seconds(proc.pid)
+                lat, errors, wall = asyncio.run(load(url, chunk, args.concurrency))
+                cpu = cpu_seconds(proc.pid) - cpu0
+                l0, e0, w0, p0, n0, c0 = acc[batching]
+                acc[batching] = (l0 + lat, e0 + errors, w0 + wall, p0 + pairs, n0 + len(chunk), c0 + cpu)
+                rates[batching] = pairs / wall
+            round_ratios.append(rates[True] / rates[False])
+            print(f"  round {i + 1}: on {rates[True]:.1f} pairs/s, off {rates[False]:.1f} pairs/s, ratio {round_ratios[-1]:.2f}x", flush=True)
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(30)
+    results = [summarize(b, *acc[b]) for b in (True, False)]
+    return results, round_ratios
 
 
 def main() -> None:
@@ -130,21 +165,39 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--max-batch-size", type=int, default=64)
     ap.add_argument("--max-wait-ms", type=float, default=5)
+    ap.add_argument("--batch-workers", type=int, default=1)
+    ap.add_argument("--intra-op-threads", type=int, default=0, help="ONNX Runtime threads per run, both servers (0 = one per core)")
+    ap.add_argument("--small-passages", type=int, default=4, help="second scenario: 4x as many requests of this many passages (0 = skip)")
+    ap.add_argument("--rounds", type=int, default=4, help="alternating on/off rounds the requests are split into")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
 
-    requests = make_requests(args.requests, args.passages)
-    print(f"# {args.requests} requests x {args.passages} passages, {args.concurrency} concurrent clients, "
-          f"max_batch_size {args.max_batch_size}, max_wait_ms {args.max_wait_ms}, model {args.model}")
-    print(f"# machine: {platform.machine()} {os.cpu_count()} cores, python {platform.python_version()}")
-    results = [run_one(True, requests, args), run_one(False, requests, args)]
-    print(f"{'batching':>9} {'errors':>6} {'pairs/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'wall s':>7}")
-    for r in results:
-        print(f"{'on' if r['dynamic_batching'] else 'off':>9} {r['errors']:>6} {r['pairs_per_s']:>8} {r['p50_ms']:>8} {r['p99_ms']:>8} {r['wall_s']:>7}")
-    ratio = results[0]["pairs_per_s"] / results[1]["pairs_per_s"]
-    print(f"throughput ratio on/off: {ratio:.2f}x (target >= 1.5x)")
+    scenarios = [(args.requests, args.passages)]
+    if args.small_passages:
+        scenarios.append((args.requests * 4, args.small_passages))  # same clients, many small requests
+    report = {"args": vars(args), "scenarios": []}
+    print(f"# {args.concurrency} concurrent clients, max_batch_size {args.max_batch_size}, max_wait_ms {args.max_wait_ms}, "
+          f"batch_workers {args.batch_workers}, intra_op_threads {args.intra_op_threads}, "
+          f"max_length {args.max_length}, model {args.model}")
+    print(f"# machine: {platform.machine()} {os.cpu_count()} cores, python {platform.python_version()}, load average at start "
+          f"{os.getloadavg()[0]:.1f}")
+    for n_requests, n_passages in scenarios:
+        requests = make_requests(n_requests, n_passages)
+        print(f"## {n_requests} requests x {n_passages} passages")
+        results, round_ratios = run_interleaved(requests, args)
+        print(f"{'batching':>9} {'errors':>6} {'pairs/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'wall s':>7} {'server CPU s':>12} {'pairs/CPU-s':>11}")
+        for r in results:
+            print(f"{'on' if r['dynamic_batching'] else 'off':>9} {r['errors']:>6} {r['pairs_per_s']:>8} {r['p50_ms']:>8} {r['p99_ms']:>8} "
+                  f"{r['wall_s']:>7} {r['server_cpu_s']:>12} {r['pairs_per_cpu_s']:>11}")
+        ratio = results[0]["pairs_per_s"] / results[1]["pairs_per_s"]
+        cpu_ratio = results[0]["pairs_per_cpu_s"] / results[1]["pairs_per_cpu_s"]
+        print(f"throughput ratio on/off: {ratio:.2f}x overall, median of rounds {statistics.median(round_ratios):.2f}x (target >= 1.5x)")
+        print(f"CPU efficiency ratio on/off: {cpu_ratio:.2f}x (pairs per server CPU-second; less sensitive to other users' load)")
+        report["scenarios"].append({"requests": n_requests, "passages": n_passages, "results": results, "ratio": ratio,
+                                    "cpu_ratio": cpu_ratio, "round_ratios": round_ratios})
+    print(f"# load average at end {os.getloadavg()[0]:.1f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results, "ratio": ratio}, indent=2))
+        Path(args.json).write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ def _serve_parser(sub) -> None:
     p.add_argument("--intra-op-threads", type=int)
     p.add_argument("--max-batch-size", type=int)
     p.add_argument("--max-wait-ms", type=float)
+    p.add_argument("--batch-workers", type=int, help="batches run at once (each in its own thread)")
     p.add_argument("--dynamic-batching", dest="dynamic_batching", action="store_true", default=None)
     p.add_argument("--no-dynamic-batching", dest="dynamic_batching", action="store_false")
     p.add_argument("--max-passages", type=int)
@@ -76,7 +77,7 @@ def serve_settings_from_args(args) -> "ServeSettings":  # noqa: F821
         "model": args.model, "tokenizer": args.tokenizer, "host": args.host, "port": args.port,
         "model_name": args.model_name, "max_length": args.max_length, "prompt_template": args.prompt_template,
         "device": args.device, "intra_op_threads": args.intra_op_threads, "max_batch_size": args.max_batch_size,
-        "max_wait_ms": args.max_wait_ms, "dynamic_batching": args.dynamic_batching, "max_passages": args.max_passages,
+        "max_wait_ms": args.max_wait_ms, "batch_workers": args.batch_workers, "dynamic_batching": args.dynamic_batching, "max_passages": args.max_passages,
         "max_body_bytes": args.max_body_bytes, "max_text_chars": args.max_text_chars,
         "default_truncate": args.default_truncate, "auth_token_env": args.auth_token_env, "log_level": args.log_level,
     }

@@ -117,6 +117,7 @@ class OnnxScorer:
         device: str = "cpu",
         batch_size: int = 64,
         intra_op_threads: int = 0,
+        max_padding: float = 0.25,
     ):
         import onnxruntime as ort
         from tokenizers import Tokenizer
@@ -128,6 +129,7 @@ class OnnxScorer:
         self.max_length = int(max_length)
         self.prompt_template = check_template(prompt_template)
         self.batch_size = int(batch_size)
+        self.max_padding = float(max_padding)
 
         tok = Tokenizer.from_file(str(self.tokenizer_file))
         padding = tok.padding  # read the pad id before switching padding off
@@ -146,6 +148,10 @@ class OnnxScorer:
         if intra_op_threads:
             opts.intra_op_num_threads = int(intra_op_threads)
         opts.inter_op_num_threads = 1
+        if os.environ.get("RERANKFLOW_ORT_SPIN", "0") != "1":
+            # idle intra-op threads sleep instead of spinning: spinning burns a core between
+            # runs, which on a shared or busy CPU costs more than it saves
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.providers = providers_for(device)
         self.session = ort.InferenceSession(str(self.model_file), sess_options=opts, providers=self.providers)
         self.input_names = [i.name for i in self.session.get_inputs()]
@@ -190,8 +196,9 @@ class OnnxScorer:
     def run(self, encoded: Sequence[Encoded], batch_size: int | None = None) -> np.ndarray:
         """Logits (float32, shape ``[n]``) of tokenized pairs, in input order.
 
-        Rows are sorted by length and cut into chunks of at most ``batch_size``, each padded to
-        its own longest row.
+        Rows are sorted by length and cut into chunks of at most ``batch_size`` rows (see
+        :func:`plan_chunks`), each padded to its own longest row. The chunking depends only on
+        the rows given, so the same rows always meet the model in the same batches.
         """
         n = len(encoded)
         out = np.empty(n, dtype=np.float32)
@@ -199,9 +206,9 @@ class OnnxScorer:
             return out
         bs = int(batch_size or self.batch_size)
         order = sorted(range(n), key=lambda i: len(encoded[i]))
-        for start in range(0, n, bs):
-            idx = order[start:start + bs]
-            out[idx] = self._run_chunk([encoded[i] for i in idx])
+        for idx in plan_chunks([len(encoded[i]) for i in order], bs, self.max_padding):
+            rows = [order[i] for i in idx]
+            out[rows] = self._run_chunk([encoded[i] for i in rows])
         return out
 
     def _run_chunk(self, rows: Sequence[Encoded]) -> np.ndarray:
@@ -237,6 +244,30 @@ class OnnxScorer:
     def score_pairs(self, pairs: Sequence[tuple[str, str]], batch_size: int | None = None) -> np.ndarray:
         """Logits of arbitrary (query, passage) pairs, in input order."""
         return self.score_texts([self.format(q, p) for q, p in pairs], batch_size)
+
+
+def plan_chunks(sorted_lengths: Sequence[int], batch_size: int, max_padding: float = 0.25) -> list[list[int]]:
+    """Cut length-sorted rows into chunks of at most ``batch_size`` rows.
+
+    A chunk is also closed before a row that would make its padded size exceed
+    ``(1 + max_padding)`` times its real tokens (``max_padding`` < 0 disables this), so that
+    short rows do not pay for the attention and matmuls of a long one.
+    """
+    chunks: list[list[int]] = []
+    cur: list[int] = []
+    real = 0
+    for i, length in enumerate(sorted_lengths):
+        if cur and (
+            len(cur) >= batch_size
+            or (max_padding >= 0 and length * (len(cur) + 1) > (1.0 + max_padding) * (real + length))
+        ):
+            chunks.append(cur)
+            cur, real = [], 0
+        cur.append(i)
+        real += length
+    if cur:
+        chunks.append(cur)
+    return chunks
 
 
 def sigmoid(x: np.ndarray | float) -> np.ndarray:

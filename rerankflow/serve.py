@@ -52,7 +52,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from .errors import InputError
 from .formatting import DEFAULT_PROMPT_TEMPLATE
-from .onnx_scorer import Encoded, OnnxScorer, sigmoid
+from .onnx_scorer import Encoded, OnnxScorer, plan_chunks, sigmoid
 
 log = logging.getLogger("rerankflow.serve")
 
@@ -75,6 +75,8 @@ class ServeSettings:
     intra_op_threads: int = 0
     max_batch_size: int = 64
     max_wait_ms: float = 5.0
+    batch_workers: int = 1
+    max_padding: float = 0.25
     dynamic_batching: bool = True
     max_passages: int = 512
     max_body_bytes: int = 16 * 1024 * 1024
@@ -105,7 +107,7 @@ class ServeSettings:
         return cls.from_dict(d)
 
     def validate(self) -> "ServeSettings":
-        for name in ("max_batch_size", "max_passages", "max_body_bytes", "max_text_chars"):
+        for name in ("max_batch_size", "batch_workers", "max_passages", "max_body_bytes", "max_text_chars"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"must be >= 1, got {getattr(self, name)!r}", key=f"deploy.{name}")
         if self.max_wait_ms < 0:
@@ -161,24 +163,31 @@ class ApiError(Exception):
 
 # ------------------------------------------------------------------ dynamic batching
 class DynamicBatcher:
-    """Gather pairs of concurrent requests into batches for one worker thread.
+    """Gather pairs of concurrent requests into batches for ``workers`` worker threads.
 
-    ``submit(items)`` sorts ``items`` by length, splits them into chunks of at most
-    ``max_batch_size`` and queues
-    them; the loop takes the oldest chunk, waits up to ``max_wait_ms`` for more (stopping early
-    once ``max_batch_size`` pairs are queued), packs whole chunks in arrival order up to
-    ``max_batch_size`` pairs, and runs ``run_fn`` on them in its worker thread. Chunks of
-    clients that went away are skipped. Results come back in each request's order.
+    ``submit(items)`` sorts ``items`` by length, splits them into chunks exactly as
+    :meth:`OnnxScorer.run` would (:func:`plan_chunks`) and queues them. When a worker is free, the loop takes the oldest chunk,
+    waits up to ``max_wait_ms`` for more (stopping early once ``max_batch_size`` pairs are
+    queued), packs whole chunks in arrival order up to ``max_batch_size`` pairs and hands them
+    to ``run_fn`` in a worker thread. Chunks of clients that went away are skipped. Results
+    come back in each request's order.
     """
 
-    def __init__(self, run_fn: Callable[[list[Encoded]], np.ndarray], max_batch_size: int, max_wait_ms: float):
+    def __init__(
+        self, run_fn: Callable[[list[Encoded]], np.ndarray], max_batch_size: int, max_wait_ms: float,
+        workers: int = 1, max_padding: float = 0.25,
+    ):
         self.run_fn = run_fn
+        self.max_padding = float(max_padding)
         self.max_batch_size = int(max_batch_size)
         self.max_wait_s = float(max_wait_ms) / 1000.0
+        self.workers = max(1, int(workers))
         self._pending: collections.deque = collections.deque()
         self._wakeup: asyncio.Event | None = None
+        self._slots: asyncio.Semaphore | None = None
         self._task: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rerankflow-batcher")
+        self._inflight: set[asyncio.Task] = set()
+        self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="rerankflow-batcher")
         self.batches = 0
         self.pairs = 0
 
@@ -188,6 +197,7 @@ class DynamicBatcher:
 
     async def start(self) -> None:
         self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(self.workers)
         self._task = asyncio.create_task(self._loop(), name="rerankflow-batcher")
 
     async def stop(self) -> None:
@@ -197,6 +207,8 @@ class DynamicBatcher:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        if self._inflight:  # batches already running finish and answer their requests
+            await asyncio.gather(*self._inflight, return_exceptions=True)
         while self._pending:
             _, fut = self._pending.popleft()
             if not fut.done():
@@ -211,9 +223,9 @@ class DynamicBatcher:
         # scoring of the same request, and rows of similar length share a padded batch
         order = sorted(range(len(items)), key=lambda i: len(items[i]))
         futs = []
-        for start in range(0, len(items), self.max_batch_size):
+        for chunk in plan_chunks([len(items[i]) for i in order], self.max_batch_size, self.max_padding):
             fut = loop.create_future()
-            self._pending.append(([items[i] for i in order[start:start + self.max_batch_size]], fut))
+            self._pending.append(([items[order[j]] for j in chunk], fut))
             futs.append(fut)
         self._wakeup.set()
         try:
@@ -230,47 +242,65 @@ class DynamicBatcher:
     def _queued_pairs(self) -> int:
         return sum(len(items) for items, _ in self._pending)
 
-    async def _loop(self) -> None:
+    async def _next_batch(self) -> list:
         loop = asyncio.get_running_loop()
-        while True:
-            while not self._pending:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            deadline = loop.time() + self.max_wait_s
-            while self._queued_pairs() < self.max_batch_size:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                self._wakeup.clear()
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), remaining)
-                except asyncio.TimeoutError:
-                    break
-            batch, n = [], 0
-            while self._pending and n + len(self._pending[0][0]) <= self.max_batch_size:
-                items, fut = self._pending.popleft()
-                if fut.done():  # the client went away
-                    continue
-                batch.append((items, fut))
-                n += len(items)
-            if not batch:
-                continue
-            flat = [x for items, _ in batch for x in items]
+        while not self._pending:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        deadline = loop.time() + self.max_wait_s
+        while self._queued_pairs() < self.max_batch_size:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            self._wakeup.clear()
             try:
-                scores = await loop.run_in_executor(self._executor, self.run_fn, flat)
-            except Exception as exc:  # noqa: BLE001 - handed to the waiting requests
-                log.exception("batch of %d pairs failed", len(flat))
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except asyncio.TimeoutError:
+                break
+        batch, n = [], 0
+        while self._pending and n + len(self._pending[0][0]) <= self.max_batch_size:
+            items, fut = self._pending.popleft()
+            if fut.done():  # the client went away
                 continue
-            self.batches += 1
-            self.pairs += len(flat)
-            offset = 0
-            for items, fut in batch:
+            batch.append((items, fut))
+            n += len(items)
+        return batch
+
+    async def _loop(self) -> None:
+        while True:
+            await self._slots.acquire()  # a worker is free: now gather its batch
+            try:
+                batch = await self._next_batch()
+            except BaseException:
+                self._slots.release()
+                raise
+            if not batch:
+                self._slots.release()
+                continue
+            task = asyncio.create_task(self._run(batch))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+    async def _run(self, batch: list) -> None:
+        loop = asyncio.get_running_loop()
+        flat = [x for items, _ in batch for x in items]
+        try:
+            scores = await loop.run_in_executor(self._executor, self.run_fn, flat)
+        except Exception as exc:  # noqa: BLE001 - handed to the waiting requests
+            log.exception("batch of %d pairs failed", len(flat))
+            for _, fut in batch:
                 if not fut.done():
-                    fut.set_result(scores[offset:offset + len(items)])
-                offset += len(items)
+                    fut.set_exception(exc)
+            return
+        finally:
+            self._slots.release()
+        self.batches += 1
+        self.pairs += len(flat)
+        offset = 0
+        for items, fut in batch:
+            if not fut.done():
+                fut.set_result(scores[offset:offset + len(items)])
+            offset += len(items)
 
 
 # ------------------------------------------------------------------ access log middleware
@@ -347,11 +377,15 @@ def create_app(settings: ServeSettings, scorer: OnnxScorer | None = None):
             device=settings.device,
             batch_size=settings.max_batch_size,
             intra_op_threads=settings.intra_op_threads,
+            max_padding=settings.max_padding,
         )
     scorer.score("warm-up", ["warm-up passage"])  # first run allocates; keep it off the first request
     model_name = settings.model_name or f"rerankflow/{scorer.model_file.parent.name}"
     created = int(time.time())
-    batcher = DynamicBatcher(scorer.run, settings.max_batch_size, settings.max_wait_ms) if settings.dynamic_batching else None
+    batcher = (
+        DynamicBatcher(scorer.run, settings.max_batch_size, settings.max_wait_ms, settings.batch_workers, settings.max_padding)
+        if settings.dynamic_batching else None
+    )
     state = {"ready": False}
     if settings.host not in ("127.0.0.1", "localhost", "::1") and token is None:
         log.warning("binding %s without auth: anyone who can reach this port can use the service", settings.host)
@@ -362,9 +396,9 @@ def create_app(settings: ServeSettings, scorer: OnnxScorer | None = None):
             await batcher.start()
         state["ready"] = True
         log.info(
-            "serving %s (%s) on http://%s:%s, dynamic batching %s (max_batch_size %d, max_wait_ms %s), auth %s",
+            "serving %s (%s) on http://%s:%s, dynamic batching %s (max_batch_size %d, max_wait_ms %s, workers %d), auth %s",
             model_name, scorer.model_file, settings.host, settings.port,
-            "on" if batcher else "off", settings.max_batch_size, settings.max_wait_ms,
+            "on" if batcher else "off", settings.max_batch_size, settings.max_wait_ms, settings.batch_workers,
             f"on (token from ${settings.auth_token_env})" if token else "off",
         )
         try:

@@ -9,6 +9,7 @@ import asyncio
 import json
 import logging
 import os
+import time
 
 import httpx
 import numpy as np
@@ -308,3 +309,60 @@ def test_cli_settings_merge_config_and_flags(tmp_path):
     assert s.model == str(tmp_path / "out" / "stage4_export" / "onnx_int8")
     assert (s.port, s.max_batch_size, s.dynamic_batching, s.max_length) == (9002, 16, False, 256)
     assert s.prompt_template == "q: {query} p: {passage}"
+
+
+# ------------------------------------------------------------------ batching internals
+def test_plan_chunks_bounds_rows_and_padding():
+    from rerankflow.onnx_scorer import plan_chunks
+
+    lengths = [10] * 5 + [11] * 5 + [40] * 3 + [100]
+    chunks = plan_chunks(lengths, batch_size=4, max_padding=0.25)
+    assert [i for c in chunks for i in c] == list(range(len(lengths)))  # every row once, in order
+    assert all(len(c) <= 4 for c in chunks)
+    for c in chunks:
+        real = sum(lengths[i] for i in c)
+        assert max(lengths[i] for i in c) * len(c) <= 1.25 * real or len(c) == 1
+    assert plan_chunks(lengths, batch_size=64, max_padding=-1) == [list(range(len(lengths)))]
+
+
+def test_dynamic_batcher_gathers_requests_and_runs_workers_in_parallel():
+    from rerankflow.onnx_scorer import Encoded
+    from rerankflow.serve import DynamicBatcher
+
+    active, peak, batches = [0], [0], []
+
+    def run_fn(items):
+        active[0] += 1
+        peak[0] = max(peak[0], active[0])
+        time.sleep(0.05)
+        batches.append(len(items))
+        active[0] -= 1
+        return np.array([float(sum(e.ids)) for e in items], dtype=np.float32)
+
+    async def main():
+        b = DynamicBatcher(run_fn, max_batch_size=8, max_wait_ms=20, workers=2, max_padding=-1)
+        await b.start()
+        reqs = [[Encoded((r, i), (0, 0), False) for i in range(3)] for r in range(6)]
+        outs = await asyncio.gather(*[b.submit(items) for items in reqs])
+        await b.stop()
+        return reqs, outs, b
+
+    reqs, outs, b = asyncio.run(main())
+    for items, out in zip(reqs, outs):  # each request gets its own scores back, in its order
+        assert list(out) == [float(sum(e.ids)) for e in items]
+    assert all(n <= 8 for n in batches) and sum(batches) == 18
+    assert len(batches) < 6  # requests shared batches
+    assert peak[0] == 2  # two workers ran at once
+
+
+def test_config_part_maps_onto_server_settings(repo):
+    import dataclasses
+
+    import yaml
+
+    part = yaml.safe_load((repo / "config" / "config.deploy.yaml.part").read_text())["deploy"]
+    names = {f.name for f in dataclasses.fields(ServeSettings)}
+    deploy_only = {"backend", "model", "ready_timeout_s", "smoke_passages", "nim"}
+    assert set(part) - deploy_only <= names
+    s = ServeSettings.from_config(part, {"max_length": 200}, "/m/model.onnx").validate()
+    assert (s.host, s.port, s.max_passages, s.default_truncate, s.max_length) == ("127.0.0.1", 8000, 512, "NONE", 200)
