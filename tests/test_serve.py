@@ -201,6 +201,9 @@ def test_one_log_line_per_request_without_the_token(client, caplog):
     with caplog.at_level(logging.INFO, logger="rerankflow.serve"):
         client.post("/v1/ranking", json=ranking_body(passages=PASSAGES[:3]))
         client.post("/v1/ranking", content=b"{not json")
+        t0 = time.time()  # the line is written just after the response went out
+        while time.time() - t0 < 5 and not any("POST /v1/ranking 400" in r.getMessage() for r in caplog.records):
+            time.sleep(0.02)
     lines = [r.getMessage() for r in caplog.records if r.name == "rerankflow.serve"]
     assert any("POST /v1/ranking 200 pairs=3" in m and m.endswith("ms") for m in lines), lines
     assert any("POST /v1/ranking 400" in m for m in lines), lines
