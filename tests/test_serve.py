@@ -369,3 +369,45 @@ def test_config_part_maps_onto_server_settings(repo):
     assert set(part) - deploy_only <= names
     s = ServeSettings.from_config(part, {"max_length": 200}, "/m/model.onnx").validate()
     assert (s.host, s.port, s.max_passages, s.default_truncate, s.max_length) == ("127.0.0.1", 8000, 512, "NONE", 200)
+
+
+@pytest.fixture(scope="module")
+def fp32_export(tmp_path_factory):
+    """A tiny fp32 BERT cross-encoder exported to ONNX the way stage 4 does (legacy exporter, opset 17)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rerankflow.testing import tiny_bert
+
+    d = tiny_bert(tmp_path_factory.mktemp("tiny") / "m")
+    model = AutoModelForSequenceClassification.from_pretrained(d).eval()
+    with torch.no_grad():  # spread the random model's logits so that a mix-up of rows would show
+        model.classifier.weight *= 500.0
+    tok = AutoTokenizer.from_pretrained(d)
+    b = tok(["hello world", "a longer text with more words"], return_tensors="pt", padding=True)
+    out = tmp_path_factory.mktemp("onnx")
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    torch.onnx.export(
+        model, tuple(b[k] for k in names), str(out / "model.onnx"), input_names=names, output_names=["logits"],
+        dynamic_axes={**{k: {0: "batch", 1: "seq"} for k in names}, "logits": {0: "batch"}}, opset_version=17, dynamo=False,
+    )
+    tok.save_pretrained(out / "tokenizer")
+    return out
+
+
+def test_fp32_scores_do_not_depend_on_concurrent_traffic(fp32_export):
+    scorer = OnnxScorer(fp32_export, max_length=MAX_LENGTH)
+    requests = [(f"query {i} about files", [f"passage {j} " + "word " * (i * 3 + j) for j in range(5)]) for i in range(8)]
+    with ThreadedServer(make_settings(model=str(fp32_export), max_padding=-1.0)) as srv:
+
+        async def fire():
+            async with httpx.AsyncClient(base_url=srv.url, timeout=60) as c:
+                return await asyncio.gather(*[c.post("/v1/ranking", json=ranking_body(q, ps)) for q, ps in requests])
+
+        responses = asyncio.run(fire())
+        assert srv.app.state.batcher.batches < len(requests)  # requests were mixed into shared, padded batches
+    for (q, ps), r in zip(requests, responses):
+        got = {x["index"]: x["logit"] for x in r.json()["rankings"]}
+        expected = scorer.score(q, ps, batch_size=1)
+        assert np.ptp(expected) > 0.005  # the pairs score differently (by far more than the tolerance)
+        np.testing.assert_allclose([got[i] for i in range(len(ps))], expected, atol=1e-4)
