@@ -382,7 +382,7 @@ def fp32_export(tmp_path_factory):
     d = tiny_bert(tmp_path_factory.mktemp("tiny") / "m")
     model = AutoModelForSequenceClassification.from_pretrained(d).eval()
     with torch.no_grad():  # spread the random model's logits so that a mix-up of rows would show
-        model.classifier.weight *= 500.0
+        model.classifier.weight *= 5000.0
     tok = AutoTokenizer.from_pretrained(d)
     b = tok(["hello world", "a longer text with more words"], return_tensors="pt", padding=True)
     out = tmp_path_factory.mktemp("onnx")
@@ -409,5 +409,5 @@ def test_fp32_scores_do_not_depend_on_concurrent_traffic(fp32_export):
     for (q, ps), r in zip(requests, responses):
         got = {x["index"]: x["logit"] for x in r.json()["rankings"]}
         expected = scorer.score(q, ps, batch_size=1)
-        assert np.ptp(expected) > 0.005  # the pairs score differently (by far more than the tolerance)
+        assert np.ptp(expected) > 0.01  # the pairs score differently (by far more than the tolerance)
         np.testing.assert_allclose([got[i] for i in range(len(ps))], expected, atol=1e-4)
