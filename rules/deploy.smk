@@ -9,15 +9,10 @@
 localrules: deploy, stop_deploy
 
 
-def deploy_model_file():
-    """The export the service serves: onnx/model.onnx, or onnx_int8/model.onnx for deploy.model: int8."""
-    sub = "onnx_int8" if config["deploy"].get("model", "onnx") == "int8" else "onnx"
-    return f"{OUT}/stage4_export/{sub}/model.onnx"
-
-
 rule deploy:
     input:
-        model=deploy_model_file(),
+        # the export served: onnx/model.onnx, or onnx_int8/model.onnx for deploy.model: int8
+        model=f"{OUT}/stage4_export/{'onnx_int8' if config['deploy']['model'] == 'int8' else 'onnx'}/model.onnx",
         eval_data=eval_data_dir(),
     output:
         endpoint=f"{OUT}/stage5_deploy/endpoint.json",
@@ -32,6 +27,8 @@ rule deploy:
         "logs/deploy.log",
     benchmark:
         "logs/benchmarks/deploy.tsv"
+    conda:
+        "../envs/serve.yaml"
     script:
         "../scripts/deploy.py"
 
@@ -47,5 +44,7 @@ rule stop_deploy:
         "logs/stop_deploy.log",
     benchmark:
         "logs/benchmarks/stop_deploy.tsv"
+    conda:
+        "../envs/serve.yaml"
     script:
         "../scripts/stop_deploy.py"
