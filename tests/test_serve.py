@@ -289,10 +289,16 @@ def test_server_refuses_to_start_when_token_variable_is_empty(monkeypatch):
         build_server(make_settings(auth_token_env="RERANKFLOW_UNSET_TOKEN"))
 
 
+def test_cli_serve_without_a_model_is_a_clear_error(capsys):
+    from rerankflow.cli import main
+
+    assert main(["serve", "--port", "1"]) == 2
+    assert "no model given" in capsys.readouterr().err
+
+
 def test_cli_settings_merge_config_and_flags(tmp_path):
     import yaml
 
-    from rerankflow.cli import main as cli_main  # noqa: F401 - the entry point must import
     from rerankflow.cli import serve_settings_from_args
     import argparse
 
