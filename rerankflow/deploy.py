@@ -307,6 +307,7 @@ def deploy_builtin(
         direct = OnnxScorer(
             model_file, tokenizer=tokenizer_file, max_length=settings.max_length,
             prompt_template=settings.prompt_template, device=settings.device, batch_size=settings.max_batch_size,
+            max_padding=settings.max_padding,
         ).score(smoke["query"], smoke["passages"])
         diff = max(abs(a - float(b)) for a, b in zip(smoke_result["logits"], direct))
         smoke_result["max_abs_diff_vs_direct_onnx"] = diff

