@@ -450,8 +450,8 @@ def create_app(settings: ServeSettings, scorer: OnnxScorer | None = None):
             raise ApiError(400, "invalid_request", "empty request body; expected a JSON object")
         try:
             return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, absurd nesting or integers
+            raise ApiError(400, "invalid_json", f"request body is not valid JSON: {str(exc)[:200]}") from None
 
     def parse(model_cls, body: Any, list_key: str):
         if not isinstance(body, dict):

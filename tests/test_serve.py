@@ -215,6 +215,8 @@ def test_one_log_line_per_request_without_the_token(client, caplog):
 BAD = [
     ("invalid json", b'{"query": {"text": "q"}, "passages": [', 400, "not valid JSON"),
     ("empty body", b"", 400, "empty request body"),
+    ("not utf-8", b'{"query": {"text": "\xff\xfe"}}', 400, "not valid JSON"),
+    ("absurd nesting", b"[" * 100000 + b"]" * 100000, 400, "not valid JSON"),
     ("not an object", json.dumps([1, 2]).encode(), 422, "expected a JSON object"),
     ("missing query", json.dumps({"passages": [{"text": "p"}]}).encode(), 422, "query"),
     ("missing passages", json.dumps({"query": {"text": "q"}}).encode(), 422, "passages"),
