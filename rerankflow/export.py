@@ -33,6 +33,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -169,7 +170,12 @@ def export_onnx(
         scratch = tmp / ".scratch"
         scratch.mkdir()
         raw_path = scratch / "model.onnx"
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # the TorchScript exporter is deprecated upstream but is the one that exports BERT
+            # correctly with dynamic axes on torch 2.13 (see module docstring); keep logs readable
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", message=".*aten::index.*")
             torch.onnx.export(
                 wrapper, args, str(raw_path),
                 input_names=input_names, output_names=["logits"], dynamic_axes=dynamic_axes,
@@ -514,26 +520,36 @@ def check_parity(report: dict, tolerance: float) -> None:
 
 # ----------------------------------------------------------------------------------------- int8
 def quantize_int8(onnx_path, out_dir) -> Path:
-    """ONNX Runtime dynamic INT8 quantization (QInt8 weights of MatMul/Gemm/Gather) into ``out_dir``.
+    """ONNX Runtime dynamic INT8 quantization (QInt8 weights of MatMul/Gemm) into ``out_dir``.
 
-    The folder (``model.onnx`` + ``tokenizer/`` + ``rerankflow_export.json``) appears atomically.
+    Activations are quantized at run time (DynamicQuantizeLinear + MatMulInteger); embeddings,
+    LayerNorm and softmax stay fp32. The folder (``model.onnx`` + ``tokenizer/`` +
+    ``rerankflow_export.json``) appears atomically.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     onnx_path = Path(onnx_path)
     out_dir = Path(out_dir)
-    with atomic_path(out_dir, is_dir=True) as tmp:
-        quantize_dynamic(
-            str(onnx_path), str(tmp / "model.onnx"), weight_type=QuantType.QInt8, per_channel=False,
-            op_types_to_quantize=["MatMul", "Gemm"],
-            use_external_data_format=(onnx_path.parent / "model.onnx.data").exists(),
-        )
-        if (onnx_path.parent / "tokenizer").is_dir():
-            shutil.copytree(onnx_path.parent / "tokenizer", tmp / "tokenizer")
-        info_path = onnx_path.parent / EXPORT_INFO
-        info = json.loads(info_path.read_text()) if info_path.exists() else {}
-        info.update({"dtype": "int8-dynamic", "quantized_from": str(onnx_path.resolve()), "execution_provider_hint": "CPUExecutionProvider"})
-        write_json(tmp / EXPORT_INFO, info)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer logs every tensor it skips on the root logger
+    try:
+        with atomic_path(out_dir, is_dir=True) as tmp:
+            quantize_dynamic(
+                str(onnx_path), str(tmp / "model.onnx"), weight_type=QuantType.QInt8, per_channel=False,
+                op_types_to_quantize=["MatMul", "Gemm"],
+                use_external_data_format=(onnx_path.parent / "model.onnx.data").exists(),
+            )
+            if (onnx_path.parent / "tokenizer").is_dir():
+                shutil.copytree(onnx_path.parent / "tokenizer", tmp / "tokenizer")
+            info_path = onnx_path.parent / EXPORT_INFO
+            info = json.loads(info_path.read_text()) if info_path.exists() else {}
+            info.update({"dtype": "int8-dynamic", "quantized_from": str(onnx_path.resolve()),
+                         "execution_provider_hint": "CPUExecutionProvider"})
+            write_json(tmp / EXPORT_INFO, info)
+    finally:
+        root.setLevel(level)
+    log.info("quantized %s -> %s (dynamic INT8)", onnx_path, out_dir / "model.onnx")
     return out_dir / "model.onnx"
 
 

@@ -1,18 +1,10 @@
 # Stage 4: ONNX export with a parity report against PyTorch (+ INT8 when export.quantize: int8)
 # and, when asked, a TensorRT engine. Logic lives in rerankflow/export.py and
 # rerankflow/tensorrt_engine.py; see docs/export.md.
+# Default target: export_onnx's outputs (onnx_int8/model.onnx included when export.quantize is int8);
+# add f"{EXPORT_DIR}/tensorrt/model.plan" when export.export_to_trt is true.
 
 EXPORT_DIR = f"{OUT}/stage4_export"
-
-
-def export_targets():
-    """The stage-4 files the config asks for (for the workflow's default target)."""
-    targets = [f"{EXPORT_DIR}/onnx/model.onnx", f"{EXPORT_DIR}/parity.json"]
-    if config["export"].get("quantize", "none") == "int8":
-        targets.append(f"{EXPORT_DIR}/onnx_int8/model.onnx")
-    if config["export"].get("export_to_trt", False):
-        targets.append(f"{EXPORT_DIR}/tensorrt/model.plan")
-    return targets
 
 
 rule export_onnx:
@@ -38,6 +30,8 @@ rule export_onnx:
         "logs/export_onnx.log",
     benchmark:
         "logs/benchmarks/export_onnx.tsv"
+    conda:
+        "../envs/export.yaml"
     script:
         "../scripts/export_onnx.py"
 
@@ -65,5 +59,7 @@ rule export_tensorrt:
         "logs/export_tensorrt.log",
     benchmark:
         "logs/benchmarks/export_tensorrt.tsv"
+    conda:
+        "../envs/export.yaml"
     script:
         "../scripts/export_tensorrt.py"

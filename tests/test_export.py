@@ -118,8 +118,7 @@ def test_parity_report_on_eval_pairs(exported):
     assert saved["execution_provider"] == "CPUExecutionProvider"
     assert saved["prompt_template"] == "question:{query} \n \n passage:{passage}"
     assert saved["pytorch_pairs_per_s"] > 0 and saved["onnx_pairs_per_s"] > 0
-    # the logits really vary with the input, so this parity is not trivially satisfied
-    assert saved["per_query"][0]["max_abs_diff"] >= 0
+    print(f"parity: max |diff| {saved['max_abs_diff']:.2e} over {saved['pairs']} pairs")
 
 
 def test_dynamic_batch_and_sequence(exported, checkpoint):
@@ -183,6 +182,7 @@ def test_corrupted_onnx_fails_parity(exported, checkpoint, eval_dir, tmp_path):
     report = _parity(checkpoint, bad / "model.onnx", eval_dir)
     with pytest.raises(ParityError, match="exceeds the tolerance"):
         check_parity(report, 1e-3)
+    print(f"corrupted ONNX: max |diff| {report['max_abs_diff']:.4f}, Spearman {report['spearman']:.4f}")
 
 
 def test_wrong_tokenizer_fails_parity(exported, checkpoint, eval_dir, tmp_path):
@@ -198,6 +198,7 @@ def test_wrong_tokenizer_fails_parity(exported, checkpoint, eval_dir, tmp_path):
     report = _parity(checkpoint, out / "onnx" / "model.onnx", eval_dir, tokenizer_dir=wrong)
     with pytest.raises(ParityError):
         check_parity(report, 1e-3)
+    print(f"wrong tokenizer: max |diff| {report['max_abs_diff']:.4f}, Spearman {report['spearman']:.4f}")
 
 
 def test_fp16_export_with_external_data(checkpoint, eval_dir, tmp_path):
