@@ -161,7 +161,9 @@ def _call_with_parse_retries(client: LLMClient, messages: list[dict], params: di
                 raise
             counters["parse_retries"] += 1
             log.info("unusable reply (%s); asking again (%d/%d)", exc, attempt + 1, max_parse_retries)
-            convo = correction_messages(messages, res["content"], str(exc))
+            # The conversation grows with each unusable reply, so every retry is a new request (an
+            # identical one would be answered from the cache with the same unusable reply).
+            convo = correction_messages(convo, res["content"], str(exc))
     raise AssertionError("unreachable")
 
 

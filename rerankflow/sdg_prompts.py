@@ -114,7 +114,7 @@ def judge_messages(file_name: str, chunks: list[dict], pairs: list[dict]) -> lis
 
 
 def correction_messages(messages: list[dict], bad_reply: str, problem: str) -> list[dict]:
-    """The conversation for a parse retry: the original request, the unusable reply, what was wrong."""
+    """The conversation for a parse retry: the conversation so far, the unusable reply, what was wrong."""
     return messages + [
         {"role": "assistant", "content": bad_reply[:4000]},
         {"role": "user", "content": f"That reply could not be used: {problem}. Reply again with only the JSON "

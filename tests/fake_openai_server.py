@@ -9,6 +9,7 @@ evaluation per listed pair. It records every request body and counts them.
 Behaviour switches (attributes):
 
 * ``inject`` — a list consumed one entry per request: ``"429"`` (with ``Retry-After``), ``"500"``,
+  ``"400"``, ``"401"``,
   ``"slow"`` (sleeps ``slow_seconds`` before answering), ``None`` (normal). Error bodies echo the
   request's ``Authorization`` header, as a careless proxy might, to prove the client scrubs it.
 * documents whose text contains ``MALFORMED_DOC`` always get non-JSON generation replies;
@@ -76,6 +77,7 @@ class FakeOpenAIServer:
         self.requests: list[dict] = []       # every request body received (in arrival order)
         self.completed: list[dict] = []      # bodies whose 200 answer was fully written
         self.auth_headers: list[str] = []
+        self.times: list[float] = []         # arrival time of each request
         self.inject: list = []
         self.retry_after = "1"
         self.slow_seconds = 2.0
@@ -101,6 +103,7 @@ class FakeOpenAIServer:
             self.requests.clear()
             self.completed.clear()
             self.auth_headers.clear()
+            self.times.clear()
             self.inject = []
             self.delay = 0.0
 
@@ -159,11 +162,15 @@ class FakeOpenAIServer:
                 with server.lock:
                     server.requests.append(body)
                     server.auth_headers.append(auth)
+                    server.times.append(time.monotonic())
                     action = server.inject.pop(0) if server.inject else None
                     delay = server.delay
                 if action == "429":
                     self._send(429, {"error": {"message": f"rate limited (you sent {auth})", "type": "rate_limit"}},
                                {"Retry-After": server.retry_after})
+                    return
+                if action in ("400", "401"):
+                    self._send(int(action), {"error": {"message": f"rejected request with credentials {auth}"}})
                     return
                 if action == "500":
                     self._send(500, {"error": {"message": f"upstream failure for credentials {auth}"}})
