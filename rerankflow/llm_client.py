@@ -89,9 +89,12 @@ def _install_log_scrubbing() -> None:
     root = logging.getLogger()
     if _SCRUB_FILTER not in root.filters:
         root.addFilter(_SCRUB_FILTER)
-    for h in root.handlers:
-        if _SCRUB_FILTER not in h.filters:
-            h.addFilter(_SCRUB_FILTER)
+    # Every handler that exists now (the rule's log file, the console) scrubs what passes through it.
+    loggers = [root] + [lg for lg in list(logging.root.manager.loggerDict.values()) if isinstance(lg, logging.Logger)]
+    for lg in loggers:
+        for h in lg.handlers:
+            if _SCRUB_FILTER not in h.filters:
+                h.addFilter(_SCRUB_FILTER)
 
 
 class LLMCallError(RuntimeError):

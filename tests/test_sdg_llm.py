@@ -185,14 +185,14 @@ def test_full_stage0_run_writes_records_stage1_accepts_and_rerun_is_served_from_
     cached = sorted(p.stem for p in (out / ".llm_cache").rglob("*.json"))
     assert cached == sorted(request_key(b) for b in fake.requests)   # key = what the server received
 
-    # a second run (outputs removed, cache kept) makes no request at all and gives the same data
+    # a second generation with the same settings makes no request at all and gives the same pairs
     before = len(fake.requests)
-    for f in (out / "fake.jsonl", out / "generation_result.json"):
-        f.unlink()
-    run_sdg(corpus, out, CORPUS_CFG, cfg, RETRIEVAL, seed=3, device="cpu")
+    docs = load_documents(corpus)
+    records2, summary2 = generate_llm(docs, cfg, RETRIEVAL, seed=3, device="cpu")
     assert len(fake.requests) == before
-    assert json.loads((out / "generation_result.json").read_text())["llm"]["cache_hits"] == 2 * n_docs
-    assert [p["question"] for r in load_sdg_records(out) for p in r["deduplicated_qa_pairs"]] == questions
+    assert summary2["cache_hits"] == 2 * n_docs and summary2["calls"] == 0
+    kept = {p["question"] for r in records2 for p in r["deduplicated_qa_pairs"]}
+    assert set(questions) <= kept
     assert files_containing(tmp_path / "output", DUMMY_KEY) == []
 
 
@@ -331,3 +331,60 @@ def test_scrub_removes_registered_secrets():
 
     register_secret("tok-abcdef-123")
     assert scrub("Authorization: Bearer tok-abcdef-123 failed") == "Authorization: Bearer ***REDACTED*** failed"
+
+
+def _schema_llm() -> dict:
+    """The sdg.llm schema: from config/schema.yaml once pasted there, else from the .part file."""
+    schema = yaml.safe_load((REPO / "config" / "schema.yaml").read_text())
+    llm = schema["properties"]["sdg"]["properties"].get("llm")
+    if llm is None:
+        llm = yaml.safe_load((REPO / "config" / "schema.sdg_llm.yaml.part").read_text())["llm"]
+    return llm
+
+
+def test_schema_defaults_match_the_code_defaults():
+    from rerankflow.sdg_llm import DEFAULTS
+
+    props = _schema_llm()["properties"]
+    assert set(props) == set(DEFAULTS)
+    for key, value in DEFAULTS.items():
+        assert props[key].get("description"), key
+        if key != "judge":
+            assert props[key]["default"] == value, key
+    assert {k: v["default"] for k, v in props["judge"]["properties"].items()} == DEFAULTS["judge"]
+
+
+def test_snakemake_stage0_with_llm_backend(fake, tmp_path, monkeypatch):
+    """The `sdg` rule with sdg.backend: llm: refused without the key (no request), then a full run."""
+    from conftest import TEST_CORPUS, run_snakemake
+
+    conf = yaml.safe_load((REPO / "tests" / "config" / "tiny.yaml").read_text())
+    conf["corpus"]["dir"] = str(TEST_CORPUS)
+    conf["sdg"].update(backend="llm", llm={
+        "base_url": fake.base_url, "api_key_env": KEY_ENV, "max_parallel_requests": 2,
+        "retry_backoff_initial": 0.05, "retry_backoff_max": 0.2, "timeout": 10, "round_trip_filter": False})
+    cfgfile = tmp_path / "llm.yaml"
+    cfgfile.write_text(yaml.safe_dump(conf))
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    out = wd / conf["output_dir"] / "stage0_sdg"
+    target = f"{conf['output_dir']}/stage0_sdg/generation_result.json"
+
+    monkeypatch.delenv(KEY_ENV)
+    proc = run_snakemake(wd, target, "--configfile", str(cfgfile), check=False)
+    assert proc.returncode != 0
+    assert f"environment variable {KEY_ENV} is not set" in (wd / "logs" / "sdg.log").read_text()
+    assert fake.count() == 0 and not (out / "generation_result.json").exists()
+
+    monkeypatch.setenv(KEY_ENV, DUMMY_KEY)
+    run_snakemake(wd, target, "--configfile", str(cfgfile))
+    records = load_sdg_records(out)
+    n_docs = len(records)
+    assert n_docs >= 5 and fake.count("generation") == n_docs and fake.count("judge") == n_docs
+    assert sum(len(r["deduplicated_qa_pairs"]) for r in records) >= n_docs
+    assert len(list((out / ".llm_cache").rglob("*.json"))) == 2 * n_docs   # default cache: OUT/stage0_sdg/.llm_cache
+    assert (out / "generation_result.json").stat().st_mode & 0o222 == 0     # protected: it cost API calls
+    summary = json.loads((out / "generation_result.json").read_text())
+    assert summary["backend"] == "llm" and summary["llm"]["calls"] == 2 * n_docs
+    for d in ("output", "logs", ".snakemake"):
+        assert files_containing(wd / d, DUMMY_KEY) == [], d
