@@ -38,6 +38,7 @@ import logging
 import os
 import random
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -155,11 +156,16 @@ def _call_with_parse_retries(client: LLMClient, messages: list[dict], params: di
         res = client.chat(convo, **params)
         try:
             return parse(res["content"])
-        except ParseError as exc:
-            counters["parse_failures"] += 1
+        except ParseError as err:
+            exc = err
+            if res.get("finish_reason") == "length":
+                exc = ParseError(f"{err} (the reply was cut off at the token limit: raise sdg.llm.max_tokens)")
+            with counters["lock"]:
+                counters["parse_failures"] += 1
+                if attempt < max_parse_retries:
+                    counters["parse_retries"] += 1
             if attempt == max_parse_retries:
-                raise
-            counters["parse_retries"] += 1
+                raise exc from None
             log.info("unusable reply (%s); asking again (%d/%d)", exc, attempt + 1, max_parse_retries)
             # The conversation grows with each unusable reply, so every retry is a new request (an
             # identical one would be answered from the cache with the same unusable reply).
@@ -289,7 +295,7 @@ def generate_llm(docs: list[Document], sdg_cfg: dict, retrieval_cfg: dict, seed:
     if len(active) < len(docs):
         log.warning("%d documents have no sentence to chunk and are skipped", len(docs) - len(active))
 
-    counters = {"parse_failures": 0, "parse_retries": 0}
+    counters = {"parse_failures": 0, "parse_retries": 0, "lock": threading.Lock()}
     failures: dict[str, str] = {}
     dropped: dict[str, int] = {}
     workers = max(1, int(cfg["max_parallel_requests"]))

@@ -388,3 +388,34 @@ def test_snakemake_stage0_with_llm_backend(fake, tmp_path, monkeypatch):
     assert summary["backend"] == "llm" and summary["llm"]["calls"] == 2 * n_docs
     for d in ("output", "logs", ".snakemake"):
         assert files_containing(wd / d, DUMMY_KEY) == [], d
+
+
+def test_retry_after_header_forms():
+    from rerankflow.llm_client import _retry_after_seconds
+
+    assert _retry_after_seconds({"retry-after-ms": "1500"}) == 1.5
+    assert _retry_after_seconds({"retry-after": "2"}) == 2.0
+    future = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
+    assert 25 <= _retry_after_seconds({"retry-after": future}) <= 31
+    assert _retry_after_seconds({}) is None and _retry_after_seconds({"retry-after": "soon"}) is None
+
+
+def test_cli_preview_prints_and_writes_nothing_and_refuses_without_key(fake, tmp_path):
+    corpus = write_corpus(tmp_path / "corpus", DOCS)
+    out = tmp_path / "output"
+    conf = {"seed": 1, "device": "cpu", "output_dir": str(out), "corpus": {**CORPUS_CFG, "dir": str(corpus)},
+            "retrieval": RETRIEVAL, "sdg": {**sdg_cfg(fake, None), "preview_documents": 2}}
+    conf["sdg"]["llm"]["cache_dir"] = None
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(conf))
+    env = {**os.environ, "PYTHONPATH": str(REPO), KEY_ENV: DUMMY_KEY, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "rerankflow.sdg_llm", "--configfile", str(config), "--preview"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count('"deduplicated_qa_pairs"') == 2 and fake.count() == 4
+    assert not out.exists() and not (tmp_path / ".llm_cache").exists()
+    assert DUMMY_KEY not in proc.stdout + proc.stderr
+    env.pop(KEY_ENV)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and f"environment variable {KEY_ENV} is not set" in proc.stderr
+    assert fake.count() == 4
