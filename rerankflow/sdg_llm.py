@@ -422,21 +422,33 @@ def preview_llm(corpus_dir, corpus_cfg: dict, sdg_cfg: dict, retrieval_cfg: dict
     return records
 
 
+def _deep_update(base: dict, new: dict) -> dict:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_update(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
 def main(argv=None) -> int:
-    """``python -m rerankflow.sdg_llm --configfile C --corpus DIR (--preview | --out DIR)``."""
+    """``python -m rerankflow.sdg_llm --configfile C [--configfile C2] [--corpus DIR] (--preview | --out DIR)``."""
     import yaml
 
     ap = argparse.ArgumentParser(prog="python -m rerankflow.sdg_llm", description=(
         "Stage 0 with the llm backend outside Snakemake. --preview generates for sdg.preview_documents "
         "documents and prints them, writing nothing; otherwise the full stage 0 runs and writes to --out."))
-    ap.add_argument("--configfile", default="config/config.yaml", help="workflow config (YAML)")
+    ap.add_argument("--configfile", action="append",
+                    help="workflow config (YAML); repeatable, later files override (default config/config.yaml)")
     ap.add_argument("--corpus", help="corpus folder (default: corpus.dir of the config)")
     ap.add_argument("--out", help="output folder of a full run (default: <output_dir>/stage0_sdg)")
     ap.add_argument("--preview", action="store_true", help="preview: generate, print, persist nothing")
     ap.add_argument("--documents", type=int, help="documents to preview (default sdg.preview_documents)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    conf = yaml.safe_load(Path(args.configfile).read_text(encoding="utf-8")) or {}
+    conf: dict = {}
+    for path in args.configfile or ["config/config.yaml"]:
+        _deep_update(conf, yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {})
     corpus_cfg, sdg_cfg, retrieval_cfg = conf.get("corpus", {}), dict(conf.get("sdg", {})), conf.get("retrieval", {})
     sdg_cfg["backend"] = "llm"
     corpus = args.corpus or corpus_cfg.get("dir")

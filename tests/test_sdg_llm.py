@@ -404,12 +404,15 @@ def test_cli_preview_prints_and_writes_nothing_and_refuses_without_key(fake, tmp
     corpus = write_corpus(tmp_path / "corpus", DOCS)
     out = tmp_path / "output"
     conf = {"seed": 1, "device": "cpu", "output_dir": str(out), "corpus": {**CORPUS_CFG, "dir": str(corpus)},
-            "retrieval": RETRIEVAL, "sdg": {**sdg_cfg(fake, None), "preview_documents": 2}}
+            "retrieval": RETRIEVAL, "sdg": {**sdg_cfg(fake, None), "backend": "offline"}}
     conf["sdg"]["llm"]["cache_dir"] = None
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(conf))
+    overlay = tmp_path / "overlay.yaml"     # later files override key by key, as in Snakemake
+    overlay.write_text(yaml.safe_dump({"sdg": {"preview_documents": 2}}))
     env = {**os.environ, "PYTHONPATH": str(REPO), KEY_ENV: DUMMY_KEY, "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "rerankflow.sdg_llm", "--configfile", str(config), "--preview"]
+    cmd = [sys.executable, "-m", "rerankflow.sdg_llm", "--configfile", str(config), "--configfile", str(overlay),
+           "--preview"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count('"deduplicated_qa_pairs"') == 2 and fake.count() == 4
