@@ -6,8 +6,8 @@ leaks its key.
   The ``openai`` client's built-in retries do honour ``Retry-After`` and back off with jitter, but
   they are invisible to the caller (no count is exposed, only a log line) and their cap on
   ``Retry-After`` / backoff is not configurable; the run summary must report how many retries a
-  run took, so the loop lives here. Retried: HTTP 429, 408, 409 and 5xx, timeouts and connection
-  errors. The wait is the server's ``Retry-After`` / ``retry-after-ms`` when it sends one (capped
+  run took, so the loop lives here. Retried: HTTP 429, 408, 409 and 5xx, timeouts, connection
+  errors and 200 answers that are not a chat completion (never cached). The wait is the server's ``Retry-After`` / ``retry-after-ms`` when it sends one (capped
   at ``max_retry_after`` seconds), else exponential backoff ``initial * 2**attempt`` capped at
   ``backoff_max``, with full jitter (uniform between half and all of it).
 * Fatal (:class:`LLMFatalError`, the run stops): 401/403/404 — a wrong key, model or URL that no
@@ -323,12 +323,20 @@ class LLMClient:
             except openai.APIConnectionError as exc:
                 reason = "connection_error"
                 log.debug("connection error: %s", scrub(exc))
+            except openai.OpenAIError as exc:  # e.g. a body the client cannot decode
+                self.stats.add(failed_calls=1)
+                raise LLMCallError(f"{type(exc).__name__} from {self.base_url}: {scrub(_short(exc))}") from None
             else:
-                result = _result_of(resp)
-                self.stats.add(calls=1)
-                self.stats.add_usage(result["usage"])
-                self.cache.put(key, self.model, result)
-                return {**result, "cached": False}
+                if not getattr(resp, "choices", None):
+                    # Not a chat completion (e.g. a proxy's HTML page with status 200): a transport
+                    # failure, retried and never cached.
+                    reason = "invalid_response"
+                else:
+                    result = _result_of(resp)
+                    self.stats.add(calls=1)
+                    self.stats.add_usage(result["usage"])
+                    self.cache.put(key, self.model, result)
+                    return {**result, "cached": False}
             if attempt >= self.retry.max_retries:
                 self.stats.add(failed_calls=1)
                 raise LLMCallError(f"{reason} from {self.base_url} after {attempt} retries")

@@ -9,7 +9,7 @@ evaluation per listed pair. It records every request body and counts them.
 Behaviour switches (attributes):
 
 * ``inject`` — a list consumed one entry per request: ``"429"`` (with ``Retry-After``), ``"500"``,
-  ``"400"``, ``"401"``,
+  ``"400"``, ``"401"``, ``"html200"`` (a 200 answer that is an HTML page),
   ``"slow"`` (sleeps ``slow_seconds`` before answering), ``None`` (normal). Error bodies echo the
   request's ``Authorization`` header, as a careless proxy might, to prove the client scrubs it.
 * documents whose text contains ``MALFORMED_DOC`` always get non-JSON generation replies;
@@ -171,6 +171,14 @@ class FakeOpenAIServer:
                     return
                 if action in ("400", "401"):
                     self._send(int(action), {"error": {"message": f"rejected request with credentials {auth}"}})
+                    return
+                if action == "html200":  # a misconfigured proxy: 200 with an HTML page
+                    data = b"<html><body>Gateway login page</body></html>"
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/html")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
                     return
                 if action == "500":
                     self._send(500, {"error": {"message": f"upstream failure for credentials {auth}"}})

@@ -196,19 +196,20 @@ def test_full_stage0_run_writes_records_stage1_accepts_and_rerun_is_served_from_
     assert files_containing(tmp_path / "output", DUMMY_KEY) == []
 
 
-def test_429_500_and_slow_responses_are_retried_and_the_run_completes(fake, tmp_path, caplog):
+def test_429_500_slow_and_non_completion_responses_are_retried_and_the_run_completes(fake, tmp_path, caplog):
     caplog.set_level(logging.DEBUG)
     docs = load_documents(write_corpus(tmp_path / "c", dict(list(DOCS.items())[:2])))
-    fake.inject = ["429", "500", "slow"]
+    fake.inject = ["429", "500", "slow", "html200"]
     fake.retry_after = "1"
     fake.slow_seconds = 2.5
     cfg = sdg_cfg(fake, tmp_path / "cache", timeout=1.0, max_parallel_requests=1)
     t0 = time.monotonic()
     records, summary = generate_llm(docs, cfg, RETRIEVAL, seed=0)
     assert len(records) == 2 and summary["documents_failed"] == 0
-    assert summary["retries"] == 3
-    assert summary["retry_reasons"] == {"http_429": 1, "http_500": 1, "timeout": 1}
-    assert len(fake.requests) == 4 + 3 and summary["calls"] == 4
+    assert summary["retries"] == 4
+    assert summary["retry_reasons"] == {"http_429": 1, "http_500": 1, "timeout": 1, "invalid_response": 1}
+    assert len(fake.requests) == 4 + 4 and summary["calls"] == 4
+    assert len(list((tmp_path / "cache").rglob("*.json"))) == 4     # only real completions are cached
     # the retry after the 429 waited for Retry-After (1 s), not the 0.05 s backoff
     assert fake.requests[1] == fake.requests[0] and fake.times[1] - fake.times[0] >= 0.95
     assert time.monotonic() - t0 >= 2.0
