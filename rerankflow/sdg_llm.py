@@ -210,7 +210,7 @@ def _embed_round_trip(items, docs_chunks, retrieval_cfg: dict, top_k: int, scope
             _s, idx = search(qe, corpus_emb, top_k)
         flags = []
         for p, hits in zip(pairs, idx):
-            cited_rows = {start + [c for _d, c in rows[start:end]].index(s) for s in p["segment_ids"]}
+            cited_rows = {start + s - 1 for s in p["segment_ids"]}  # chunk ids are 1..n in document order
             cited_texts = {norm_texts[r] for r in cited_rows}
             flags.append(any(h >= 0 and (h in cited_rows or norm_texts[h] in cited_texts) for h in hits))
         keeps.append(flags)
@@ -223,7 +223,7 @@ def _log_preflight(pre: dict) -> None:
         "expected calls: %d (%d generation + %d judge) plus parse retries (at most %d each); "
         "%d generation calls already cached; generation %s @ %s, judge %s @ %s",
         pre["documents"], pre["characters"], pre["segments"], pre["num_pairs"], pre["expected_calls"],
-        pre["documents"], pre["documents"], pre["max_parse_retries"], pre["generation_cached"],
+        pre["expected_calls"] // 2, pre["expected_calls"] // 2, pre["max_parse_retries"], pre["generation_cached"],
         pre["model"], pre["base_url"], pre["judge_model"], pre["judge_base_url"],
     )
 
@@ -273,13 +273,12 @@ def generate_llm(docs: list[Document], sdg_cfg: dict, retrieval_cfg: dict, seed:
                   "extra_body": cfg["extra_body"]}
     judge_params = {**gen_params, "temperature": judge_cfg.get("temperature", cfg["temperature"])}
 
-    docs_chunks, gen_msgs, plans = [], [], []
+    docs_chunks, gen_msgs = [], []
     for doc in docs:
         chunks = chunk_document(doc.text, spc)
         rng = random.Random(f"{seed}:{doc.source_id}")
         counts = plan_query_types(num_pairs, cfg["query_types"], len(chunks), rng)
         docs_chunks.append(chunks)
-        plans.append(counts)
         gen_msgs.append(generation_messages(doc.file_name, chunks, counts, list(cfg["reasoning_types"]),
                                             int(cfg["min_complexity"])) if chunks else None)
     active = [i for i, m in enumerate(gen_msgs) if m is not None]
