@@ -7,8 +7,9 @@
   3/256/512 by default — set on *every* network input (``input_ids``, ``attention_mask`` and
   ``token_type_ids`` when the graph has it);
 * ``BuilderFlag.FP16`` (``fp16: true``) with every LayerNorm layer pinned to fp32
-  (``layer.precision`` and output types = ``float32``, ``OBEY_PRECISION_CONSTRAINTS``) so the
-  variance reduction does not overflow in half precision;
+  (``layer.precision``, output types and, for ``INormalizationLayer``, ``compute_precision`` =
+  ``float32``, plus ``OBEY_PRECISION_CONSTRAINTS``) so the variance reduction does not overflow in
+  half precision;
 * a workspace memory-pool limit (``workspace_gb``).
 
 Where ``tensorrt`` is not importable, :func:`require_tensorrt` raises :class:`TensorRTUnavailable`
@@ -127,6 +128,10 @@ def build_engine(onnx_path, plan_path, trt_cfg: dict | None = None, trt=None) ->
             for i in range(network.num_layers):
                 layer = network.get_layer(i)
                 if _is_layernorm(trt, layer):
+                    norm_cls = getattr(trt, "INormalizationLayer", None)
+                    if norm_cls is not None and layer.type == getattr(trt.LayerType, "NORMALIZATION", None):
+                        layer.__class__ = norm_cls  # TensorRT's documented down-cast of an ILayer
+                        layer.compute_precision = trt.float32  # accumulate mean/variance in fp32
                     layer.precision = trt.float32
                     for j in range(layer.num_outputs):
                         layer.set_output_type(j, trt.float32)

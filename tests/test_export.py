@@ -209,6 +209,15 @@ def test_fp16_export_with_external_data(checkpoint, eval_dir, tmp_path):
     assert report["spearman"] > 0.99
 
 
+def test_run_export_fails_after_writing_report(checkpoint, eval_dir, tmp_path):
+    """Above tolerance the stage raises (so the rule fails) but the numbers are on disk first."""
+    cfg = {**EXPORT_CFG, "quantize": "none", "parity_pairs": 16, "parity_tolerance": 1e-12}
+    with pytest.raises(ParityError, match="exceeds the tolerance 1e-12"):
+        run_export(checkpoint, eval_dir, tmp_path, cfg, {"max_length": 64}, threads=1)
+    saved = json.loads((tmp_path / "parity.json").read_text())
+    assert saved["passed"] is False and saved["max_abs_diff"] > 1e-12 and saved["tolerance"] == 1e-12
+
+
 def test_checkpoint_model_dir(checkpoint, tmp_path):
     step = tmp_path / "epoch_0_step_1"
     (step / "model").mkdir(parents=True)
@@ -321,7 +330,11 @@ class FakeTRT(types.ModuleType):
             def build_serialized_network(self, network, config):
                 return b"PLAN-BYTES"
 
+        class INormalizationLayer(Layer):
+            compute_precision = None
+
         self.Logger, self.Builder, self.OnnxParser = Logger, Builder, Parser
+        self.INormalizationLayer = INormalizationLayer
         self.BuilderFlag = types.SimpleNamespace(FP16="FP16", OBEY_PRECISION_CONSTRAINTS="OBEY")
         self.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
         self.LayerType = types.SimpleNamespace(NORMALIZATION="NORMALIZATION")
@@ -341,6 +354,7 @@ def test_tensorrt_builder_configuration(tmp_path):
     assert trt.config.pools == {"WORKSPACE": 2 << 30}
     norm = [layer for layer in trt.layers if layer.type == "NORMALIZATION"]
     assert all(layer.precision == "float32" and layer.out_types == {0: "float32"} for layer in norm)
+    assert all(layer.compute_precision == "float32" for layer in norm)
     matmul = trt.layers[1]
     assert matmul.precision is None and matmul.out_types == {}
     assert ("network_flags", 0) in trt.calls  # TensorRT 10: explicit batch is implicit
