@@ -17,7 +17,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from rerankflow.beir import write_beir  # noqa: E402
 from rerankflow.export import (  # noqa: E402
-    ParityError, check_parity, checkpoint_model_dir, encode_batches, export_onnx, load_eval_groups,
+    ParityError, check_parity, checkpoint_model_dir, export_onnx, load_eval_groups,
     load_torch_reranker, make_session, measure, run_export,
 )
 from rerankflow.formatting import format_pair  # noqa: E402
@@ -408,7 +408,7 @@ def test_rules_export_then_tensorrt_fails_clearly(checkpoint, eval_dir, tmp_path
     """))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     target = f"{out}/stage4_export/tensorrt/model.plan"
-    proc = subprocess.run([str(Path(sys.executable).parent / "snakemake"), "--cores", "1", target],
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "1", target],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     parity = json.loads((out / "stage4_export" / "parity.json").read_text())
