@@ -16,7 +16,6 @@ rule prep:
         prep=config["prep"],
         retrieval=config["retrieval"],
         seed=config["seed"],
-        out_dir=f"{OUT}/stage1_prep",
     log:
         "logs/prep.log",
     benchmark:

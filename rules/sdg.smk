@@ -26,12 +26,11 @@ rule sdg:
     output:
         sdg_outputs(),
     params:
-        corpus_dir=corpus_dir(),
+        corpus_dir=lambda wildcards, input: input.corpus[0] if input.corpus else corpus_dir(),
         corpus=config["corpus"],
         sdg=config["sdg"],
         dedup_model=config["retrieval"]["model"],
         seed=config["seed"],
-        out_dir=f"{OUT}/stage0_sdg",
     log:
         "logs/sdg.log",
     benchmark:
