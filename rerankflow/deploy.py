@@ -262,7 +262,7 @@ def deploy_builtin(
     python: str = sys.executable,
 ) -> dict:
     """Start ``rerankflow serve`` detached, wait for ready, smoke-test, write ``endpoint_file``."""
-    from .onnx_scorer import OnnxScorer, find_model_file, find_tokenizer_file
+    from .onnx_scorer import OnnxScorer, find_model_file, find_tokenizer_file, resolve_text_settings
     from .serve import ServeSettings, _read_token
 
     endpoint_file = Path(endpoint_file)
@@ -278,6 +278,7 @@ def deploy_builtin(
         raise InputError(f"port {port} on {host} is already in use; free it or set deploy.port (0 picks a free port)", key="deploy.port")
 
     settings = ServeSettings.from_config(deploy_cfg, reranker_cfg, model_file, port=port, tokenizer=str(tokenizer_file)).validate()
+    settings.max_length, settings.prompt_template = resolve_text_settings(model_file, settings.max_length, settings.prompt_template)
     _read_token(settings)  # fail here, not in the detached child, when the token variable is empty
     headers = _auth_headers(deploy_cfg)
     settings_file = endpoint_file.parent / "server_settings.json"
@@ -486,7 +487,7 @@ def deploy_nim(
     client=None,
 ) -> dict:
     """Start the NIM container for the export folder of ``model``; wait, smoke-test, record."""
-    from .onnx_scorer import find_model_file
+    from .onnx_scorer import find_model_file, resolve_text_settings
 
     nim = deploy_cfg.get("nim") or {}
     key_env = nim.get("api_key_env", "NGC_API_KEY")
@@ -495,6 +496,7 @@ def deploy_nim(
         raise InputError(f"the NIM backend needs an NGC API key in environment variable {key_env}", key="deploy.nim.api_key_env")
     model_file = find_model_file(model).absolute()
     export_dir = model_file.parent
+    resolve_text_settings(model_file, reranker_cfg.get("max_length"), reranker_cfg.get("prompt_template"))
     smoke = build_smoke_request(eval_dir, int(deploy_cfg.get("smoke_passages", 8)))
     if client is None:
         import docker

@@ -22,6 +22,7 @@ is always the order of the inputs.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from .formatting import DEFAULT_PROMPT_TEMPLATE, check_template, format_pair
 log = logging.getLogger(__name__)
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+EXPORT_INFO = "rerankflow_export.json"  # written beside model.onnx by rerankflow.export
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,44 @@ def find_tokenizer_file(model_file: str | os.PathLike, tokenizer: str | os.PathL
         "the export must save a fast tokenizer beside the model",
         path=tokenizer or model_file,
     )
+
+
+def read_export_info(model_file: str | os.PathLike) -> dict:
+    """The export's own record (prompt template, max length, dtype, ...) beside ``model_file``, or ``{}``."""
+    path = Path(model_file).parent / EXPORT_INFO
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"unreadable export record: {exc}", path=path) from None
+    return info if isinstance(info, dict) else {}
+
+
+def resolve_text_settings(model_file: str | os.PathLike, max_length: int | None = None, prompt_template: str | None = None) -> tuple[int, str]:
+    """``(max_length, prompt_template)`` to score ``model_file`` with.
+
+    Values not given come from the export's record (:data:`EXPORT_INFO`), else 512 and the
+    default template. Given values must equal the record's: a model is only served with the
+    text formatting it was exported (and trained) with, so a stale export or a hand-typed
+    mismatch fails here instead of silently costing quality.
+    """
+    info = read_export_info(model_file)
+    problems = []
+    if max_length is not None and info.get("max_length") is not None and int(info["max_length"]) != int(max_length):
+        problems.append(f"max_length {max_length} (export: {info['max_length']})")
+    if prompt_template is not None and info.get("prompt_template") is not None and info["prompt_template"] != prompt_template:
+        problems.append(f"prompt_template {prompt_template!r} (export: {info['prompt_template']!r})")
+    if problems:
+        raise InputError(
+            "serving settings differ from the ones this model was exported with: " + "; ".join(problems)
+            + ". Re-run the export with the current reranker settings, or serve with the export's",
+            path=Path(model_file).parent / EXPORT_INFO,
+            key="reranker",
+        )
+    ml = int(max_length if max_length is not None else info.get("max_length", 512))
+    tpl = prompt_template if prompt_template is not None else info.get("prompt_template", DEFAULT_PROMPT_TEMPLATE)
+    return ml, tpl
 
 
 def providers_for(device: str) -> list[str]:

