@@ -31,6 +31,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -299,6 +300,16 @@ def deploy_builtin(
         )
     url = f"http://{client_host(host)}:{port}"
     log.info("started server pid %d on %s (log %s)", proc.pid, url, server_log)
+    stat = _proc_stat(proc.pid)
+    if state_file is not None:  # recorded at once: should this job die now, the next deploy stops the orphan
+        write_json(state_file, {"backend": "builtin", "url": url, "pid": proc.pid,
+                                "proc_start_ticks": stat[1] if stat else None, "cmdline": cmd})
+    previous_handler = None
+    if threading.current_thread() is threading.main_thread():
+        def _on_sigterm(signum, frame):  # Snakemake cancelling the job: clean up through the except below
+            raise SystemExit(f"deploy interrupted by signal {signum}")
+
+        previous_handler = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         ready_s = wait_ready(
             url, float(deploy_cfg.get("ready_timeout_s", 120)),
@@ -327,7 +338,9 @@ def deploy_builtin(
         except OSError:
             pass
         raise
-    stat = _proc_stat(proc.pid)
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
     record = {
         "backend": "builtin",
         "url": url,
