@@ -277,6 +277,8 @@ def test_nim_container_spec_and_secret_handling(tmp_path, eval_dir, export_dir, 
     # stop removes our labelled container
     res = stop(out, docker_client=fake)
     assert res["status"] == "stopped" and fake.containers.by_name["nemotron-rerank-nim"].calls[-2:] == ["stop", "remove"]
+    del fake.containers.by_name["nemotron-rerank-nim"]  # gone (docker rm): stopping again is harmless
+    assert stop(out, docker_client=fake)["status"] == "not_running"
 
 
 def test_nim_refuses_an_unlabelled_container_with_the_same_name(tmp_path, eval_dir, export_dir, monkeypatch):
