@@ -62,7 +62,7 @@ EVAL_DEFAULTS = {
     "hnsw_m": 32,
     "hnsw_ef_search": 256,
     "eval_base": True,
-    "base_input_format": "template",
+    "base_input_format": "pair",
     "eval_finetuned": True,
     "finetuned_checkpoint": "BEST",
     "endpoint": None,

@@ -88,6 +88,7 @@ def test_writes_every_system_and_file(result, setup):
         assert c["ci_low"] <= c["delta"] <= c["ci_high"] and 0 < c["p_value"] <= 1
     meta = on_disk["meta"]
     assert meta["counts"]["queries_evaluated"] == 8 and meta["counts"]["corpus"] == 23
+    assert meta["input_formats"] == {"base": "pair", "finetuned": "template"}
     assert meta["checkpoint"]["resolved"].endswith("epoch_0_step_3/model/consolidated")
     assert meta["timings"]["base"]["pairs"] == 80 and meta["versions"]["pytrec_eval"] is not None
     assert set(on_disk["breakdown"]) == {"query_type", "reasoning_type"}
