@@ -287,13 +287,9 @@ def world_size_for(ft: dict, device: str) -> int:
     return 1
 
 
-def run_finetune(train_path, val_path, base_model: str, out_dir, finetune: dict | None = None,
-                 reranker: dict | None = None, seed: int = 42, device: str = "auto", threads: int = 0) -> dict:
-    """Train (resuming when a matching checkpoint exists) and return the summary of the run.
-
-    ``reranker`` is the shared section (``prompt_template``, ``max_length``). With more than one
-    process this launches ``torchrun`` and waits for it.
-    """
+def make_spec(train_path, val_path, base_model: str, out_dir, finetune: dict | None = None,
+              reranker: dict | None = None, seed: int = 42, device: str = "auto", threads: int = 0) -> dict:
+    """The JSON-serialisable description of a run that every process of it reads (see :func:`train`)."""
     from .models import pick_device
 
     ft = merged_config(finetune)
@@ -306,8 +302,7 @@ def run_finetune(train_path, val_path, base_model: str, out_dir, finetune: dict 
         if not torch.cuda.is_available():
             raise InputError("device 'cuda' requested but no GPU is visible", key="device")
     out_dir = Path(out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    spec = {
+    return {
         "train_path": str(Path(train_path).resolve()),
         "val_path": str(Path(val_path).resolve()) if val_path else None,
         "base_model": resolve_base_model(base_model),
@@ -319,6 +314,19 @@ def run_finetune(train_path, val_path, base_model: str, out_dir, finetune: dict 
         "device": dev,
         "threads": int(threads or ft.get("threads") or os.cpu_count() or 1),
     }
+
+
+def run_finetune(train_path, val_path, base_model: str, out_dir, finetune: dict | None = None,
+                 reranker: dict | None = None, seed: int = 42, device: str = "auto", threads: int = 0) -> dict:
+    """Train (resuming when a matching checkpoint exists) and return the summary of the run.
+
+    ``reranker`` is the shared section (``prompt_template``, ``max_length``). With more than one
+    process this launches ``torchrun`` and waits for it.
+    """
+    spec = make_spec(train_path, val_path, base_model, out_dir, finetune, reranker, seed, device, threads)
+    ft, dev = spec["finetune"], spec["device"]
+    out_dir = Path(spec["out_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
     world = world_size_for(ft, dev)
     if world <= 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return train(spec)
@@ -331,7 +339,15 @@ def run_finetune(train_path, val_path, base_model: str, out_dir, finetune: dict 
     env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("OMP_NUM_THREADS", str(max(1, spec["threads"] // world)))
     print(f"launching {world} processes: {' '.join(cmd)}", flush=True)
-    proc = subprocess.run(cmd, env=env)
+    (out_dir / "training_summary.json").unlink(missing_ok=True)
+    streams = {}
+    for name in ("stdout", "stderr"):  # the Snakemake script redirects sys.stdout to the rule's log
+        try:
+            getattr(sys, name).flush()
+            streams[name] = getattr(sys, name).fileno()
+        except (AttributeError, OSError, ValueError):
+            pass
+    proc = subprocess.run(cmd, env=env, **streams)
     if proc.returncode != 0:
         raise RuntimeError(f"distributed training failed (torchrun exit code {proc.returncode}); see the log above")
     from .io import read_json
@@ -655,7 +671,7 @@ def train(spec: dict) -> dict:
     patience = int(ft["patience"])
     pbar = tqdm(total=total, initial=state["step"], desc="finetune", disable=not D.main, dynamic_ncols=True,
                 mininterval=1.0)
-    plan_epoch, plan = None, None
+    plan_epoch, batches = None, None
     pairs_done, t_train = 0, 0.0
     while state["step"] < total and not state["done"]:
         if state["step_in_epoch"] >= spe:
@@ -664,23 +680,19 @@ def train(spec: dict) -> dict:
         if plan_epoch != state["epoch"]:
             plan = builder.plan(state["epoch"])
             plan_epoch = state["epoch"]
-        micro_batches = plan.steps[state["step_in_epoch"]][D.rank::D.world]
+            batches = _epoch_batches(plan, state["step_in_epoch"], D, data, collator, int(ft["num_workers"]))
         t0 = time.perf_counter()
         loss_sum, n_pairs = 0.0, 0
-        for mi, mb in enumerate(micro_batches):
-            pairs = []
-            for ei in mb:
-                ex = data.examples[ei]
-                for d in [ex.positive, *plan.negatives[ei]]:
-                    pairs.append((ex.question, data.passages[d]))
-            enc = collator(pairs).to(D.device)
-            sync = mi == len(micro_batches) - 1
+        for mi in range(accum):
+            n_ex, enc = next(batches)
+            enc = enc.to(D.device)
+            sync = mi == accum - 1
             ctx = ddp_model.no_sync() if (D.enabled and not sync) else contextlib.nullcontext()
             with ctx:
                 with autocast_ctx():
-                    logits = ddp_model(**enc).logits.float().view(len(mb), -1)
+                    logits = ddp_model(**enc).logits.float().view(n_ex, -1)
                 if ft["loss"] == "listwise":
-                    target = torch.zeros(len(mb), dtype=torch.long, device=D.device)
+                    target = torch.zeros(n_ex, dtype=torch.long, device=D.device)
                     loss = torch.nn.functional.cross_entropy(logits, target)
                 else:
                     labels = torch.zeros_like(logits)
@@ -688,7 +700,7 @@ def train(spec: dict) -> dict:
                     loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
                 (loss / accum).backward()
             loss_sum += float(loss.detach())
-            n_pairs += len(pairs)
+            n_pairs += int(enc["input_ids"].shape[0])
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float(ft["max_grad_norm"]))
         optimizer.step()
         scheduler.step()
@@ -696,7 +708,7 @@ def train(spec: dict) -> dict:
         state["step"] += 1
         state["step_in_epoch"] += 1
         dt = time.perf_counter() - t0
-        loss_val = D.mean(loss_sum / max(1, len(micro_batches)))
+        loss_val = D.mean(loss_sum / accum)
         step_pairs = n_pairs * D.world
         pairs_done += step_pairs
         t_train += dt
@@ -747,6 +759,38 @@ def train(spec: dict) -> dict:
     D.barrier()
     D.close()
     return summary
+
+
+class _MicroBatches:
+    """This rank's micro-batches of one epoch from a start step, tokenized (optionally in DataLoader workers)."""
+
+    def __init__(self, plan, start_step, dist, data, collator):
+        self.items = [mb for step in plan.steps[start_step:] for mb in step[dist.rank::dist.world]]
+        self.negatives = plan.negatives
+        self.data = data
+        self.collator = collator
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        pairs = []
+        for ei in self.items[i]:
+            ex = self.data.examples[ei]
+            for d in [ex.positive, *self.negatives[ei]]:
+                pairs.append((ex.question, self.data.passages[d]))
+        return len(self.items[i]), self.collator(pairs)
+
+
+def _epoch_batches(plan, start_step, dist, data, collator, num_workers):
+    ds = _MicroBatches(plan, start_step, dist, data, collator)
+    if num_workers <= 0:
+        return (ds[i] for i in range(len(ds)))
+    import torch
+
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=num_workers,
+                                         collate_fn=lambda x: x, prefetch_factor=4, persistent_workers=False)
+    return iter(loader)
 
 
 def _prepare_checkpoint_dir(ckpt_dir: Path, h: str, out_dir: Path) -> str | None:

@@ -251,6 +251,11 @@ class NegativeSampler:
                 if cand not in taken:
                     negs.append(cand)
                     taken.add(cand)
+            if not negs:
+                raise InputError(f"query {ex.qid!r} has no negative: its mined pool is empty and the corpus "
+                                 "has no other passage")
+            while len(negs) < self.n_neg:  # corpus too small: repeat (every group must have n_neg)
+                negs.append(negs[int(rng.integers(len(negs)))])
             out.append(negs)
         return out
 
