@@ -533,7 +533,9 @@ def train(spec: dict) -> dict:
 
     model, tok = _load_model(spec["base_model"])
     builder = PlanBuilder(data.examples, data.passages, tok, spec["prompt_template"], spec["max_length"],
-                          n_pass - 1, local_bs, micro_per_step, seed, bool(ft["group_by_length"]))
+                          n_pass - 1, local_bs, micro_per_step, seed, bool(ft["group_by_length"]),
+                          listwise=ft["loss"] == "listwise")
+    listwise = ft["loss"] == "listwise"
     spe = builder.steps_per_epoch()
     if spe < 1:
         raise InputError(f"{len(data.examples)} training examples are fewer than one optimizer step of "
@@ -684,20 +686,20 @@ def train(spec: dict) -> dict:
         t0 = time.perf_counter()
         loss_sum, n_pairs = 0.0, 0
         for mi in range(accum):
-            n_ex, enc = next(batches)
+            labels, enc = next(batches)
             enc = enc.to(D.device)
             sync = mi == accum - 1
             ctx = ddp_model.no_sync() if (D.enabled and not sync) else contextlib.nullcontext()
             with ctx:
                 with autocast_ctx():
-                    logits = ddp_model(**enc).logits.float().view(n_ex, -1)
-                if ft["loss"] == "listwise":
-                    target = torch.zeros(n_ex, dtype=torch.long, device=D.device)
+                    logits = ddp_model(**enc).logits.float().view(-1)
+                if listwise:  # rows are whole groups, positive first
+                    logits = logits.view(-1, n_pass)
+                    target = torch.zeros(logits.shape[0], dtype=torch.long, device=D.device)
                     loss = torch.nn.functional.cross_entropy(logits, target)
                 else:
-                    labels = torch.zeros_like(logits)
-                    labels[:, 0] = 1.0
-                    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+                    target = torch.tensor(labels, dtype=torch.float32, device=D.device)
+                    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
                 (loss / accum).backward()
             loss_sum += float(loss.detach())
             n_pairs += int(enc["input_ids"].shape[0])
@@ -774,12 +776,14 @@ class _MicroBatches:
         return len(self.items)
 
     def __getitem__(self, i):
-        pairs = []
-        for ei in self.items[i]:
+        """``(labels, encoding)``: labels 1.0 for a positive (slot 0) else 0.0, in row order."""
+        pairs, labels = [], []
+        for ei, slot in self.items[i]:
             ex = self.data.examples[ei]
-            for d in [ex.positive, *self.negatives[ei]]:
-                pairs.append((ex.question, self.data.passages[d]))
-        return len(self.items[i]), self.collator(pairs)
+            d = ex.positive if slot == 0 else self.negatives[ei][slot - 1]
+            pairs.append((ex.question, self.data.passages[d]))
+            labels.append(1.0 if slot == 0 else 0.0)
+        return labels, self.collator(pairs)
 
 
 def _epoch_batches(plan, start_step, dist, data, collator, num_workers):

@@ -291,47 +291,77 @@ def length_grouped_batches(lengths: np.ndarray, batch_size: int, rng: np.random.
 
 @dataclass
 class EpochPlan:
-    negatives: list[list[str]]           # per example
-    steps: list[list[list[int]]]         # steps -> micro-batches -> example indices
+    """Negatives per example, and steps -> micro-batches -> ``(example index, slot)`` items.
+
+    Slot 0 is the example's positive, slot ``k`` its ``negatives[k - 1]``. Listwise micro-batches
+    hold whole groups (all slots of an example, in order); pointwise ones hold single pairs.
+    """
+
+    negatives: list[list[str]]
+    steps: list[list[list[tuple[int, int]]]]
+
+    def passage_id(self, examples, ei: int, slot: int) -> str:
+        return examples[ei].positive if slot == 0 else self.negatives[ei][slot - 1]
 
 
 class PlanBuilder:
-    """Builds the (deterministic) data plan of an epoch: negatives, length-grouped micro-batches, steps."""
+    """Builds the (deterministic) data plan of an epoch: negatives, length-grouped micro-batches, steps.
+
+    ``listwise``: a micro-batch is ``local_batch`` whole query groups (the loss needs a query's
+    passages together), grouped by the group's longest pair. Pointwise (BCE): pairs are independent,
+    so a micro-batch is ``local_batch x n_passages`` single pairs grouped by their own length — much
+    less padding than groups or random pairs (SciFact passages: median 311, p90 490 tokens).
+    """
 
     def __init__(self, examples, passages, tokenizer, template: str, max_length: int, n_neg: int,
-                 local_batch: int, micro_per_step: int, seed: int, group_by_length: bool = True):
+                 local_batch: int, micro_per_step: int, seed: int, group_by_length: bool = True,
+                 listwise: bool = True):
         self.examples = examples
         self.local_batch = int(local_batch)
         self.micro_per_step = int(micro_per_step)
         self.seed = int(seed)
         self.max_length = int(max_length)
         self.group_by_length = group_by_length
+        self.listwise = listwise
+        self.n_pass = int(n_neg) + 1
         self.sampler = NegativeSampler(examples, n_neg, seed, passages.keys())
         used = sorted({ex.positive for ex in examples} | {d for ex in examples for d in ex.pool}
                       | (set(passages) if self.sampler.short else set()))
         self._plen = dict(zip(used, token_lengths(tokenizer, [passages[d] for d in used]).tolist()))
         self._qlen = token_lengths(tokenizer, [ex.question for ex in examples])
-        overhead = len(tokenizer(format_pair("", "", template))["input_ids"])
-        self._overhead = overhead
+        self._overhead = len(tokenizer(format_pair("", "", template))["input_ids"])
 
     def steps_per_epoch(self) -> int:
         return (len(self.examples) // self.local_batch) // self.micro_per_step
 
-    def example_lengths(self, negatives: list[list[str]]) -> np.ndarray:
-        lens = np.empty(len(self.examples), dtype=np.int64)
+    def pair_lengths(self, negatives: list[list[str]]) -> np.ndarray:
+        """Token length estimate of every (example, slot) pair, capped at max_length: ``[n_examples, n_pass]``."""
+        lens = np.empty((len(self.examples), self.n_pass), dtype=np.int64)
         for i, ex in enumerate(self.examples):
-            longest = max(self._plen[d] for d in [ex.positive, *negatives[i]])
-            lens[i] = min(self.max_length, self._overhead + int(self._qlen[i]) + longest)
+            base = self._overhead + int(self._qlen[i])
+            for k, d in enumerate([ex.positive, *negatives[i]]):
+                lens[i, k] = min(self.max_length, base + self._plen[d])
         return lens
 
     def plan(self, epoch: int) -> EpochPlan:
         negatives = self.sampler.sample(epoch)
         rng = np.random.default_rng([self.seed, int(epoch), 0xBA7C])
-        if self.group_by_length:
-            micro = length_grouped_batches(self.example_lengths(negatives), self.local_batch, rng)
+        n = len(self.examples)
+        if self.listwise:
+            unit = self.local_batch
+            lengths = self.pair_lengths(negatives).max(axis=1) if self.group_by_length else None
+            expand = lambda b: [(ei, k) for ei in b for k in range(self.n_pass)]  # noqa: E731
         else:
-            perm = rng.permutation(len(self.examples)).tolist()
-            micro = [perm[i:i + self.local_batch] for i in range(0, len(perm) - self.local_batch + 1, self.local_batch)]
-        n_steps = len(micro) // self.micro_per_step
+            unit = self.local_batch * self.n_pass
+            lengths = self.pair_lengths(negatives).reshape(-1) if self.group_by_length else None
+            expand = lambda b: [divmod(j, self.n_pass) for j in b]  # noqa: E731
+        count = n if self.listwise else n * self.n_pass
+        if self.group_by_length:
+            micro = length_grouped_batches(lengths, unit, rng)
+        else:
+            perm = rng.permutation(count).tolist()
+            micro = [perm[i:i + unit] for i in range(0, count - unit + 1, unit)]
+        micro = [expand(b) for b in micro]
+        n_steps = min(len(micro) // self.micro_per_step, self.steps_per_epoch())
         steps = [micro[s * self.micro_per_step:(s + 1) * self.micro_per_step] for s in range(n_steps)]
         return EpochPlan(negatives, steps)

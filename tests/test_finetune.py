@@ -167,6 +167,29 @@ def test_plan_is_deterministic_and_world_independent(tmp_path):
     assert p1.steps == p2.steps and p1.negatives == p2.negatives
     assert mk().plan(3).steps != p1.steps
     assert len(p1.steps) == mk().steps_per_epoch() == 3 and all(len(s) == 2 for s in p1.steps)
+    # listwise micro-batches hold whole groups, positive (slot 0) first
+    for mb in (mb for s in p1.steps for mb in s):
+        assert [k for _, k in mb] == [0, 1, 2, 3, 4] * 4
+    # pointwise (BCE): single pairs, grouped by their own length
+    pw = PlanBuilder(data.examples, data.passages, tok, RERANKER["prompt_template"], 96, 4, 4, 2, seed=5,
+                     listwise=False)
+    plan = pw.plan(2)
+    lens = pw.pair_lengths(plan.negatives)
+    mbs = [mb for s in plan.steps for mb in s]
+    assert len(plan.steps) == 3 and all(len(mb) == 20 for mb in mbs)
+    assert len({item for mb in mbs for item in mb}) == sum(len(mb) for mb in mbs)  # no pair twice
+    spread = np.mean([np.ptp([lens[e, k] for e, k in mb]) for mb in mbs])
+    assert spread < np.ptp(lens)
+
+
+def test_bce_training_runs(tmp_path):
+    train, val, _ = write_dataset(tmp_path / "d", n_queries=24)
+    base = tiny_bert(tmp_path / "m")
+    s = run_finetune(train, val, str(base), tmp_path / "o", dict(FT, loss="bce", max_steps=6, val_every_steps=3),
+                     RERANKER, seed=1, device="cpu", threads=2)
+    recs = [json.loads(x) for x in (tmp_path / "o" / "training_log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in recs if r["event"] == "train"]
+    assert s["steps"] == 6 and all(0 < x < 2 for x in losses)  # BCE of near-zero logits is ~0.69
 
 
 def test_small_data_autoscale():
