@@ -683,7 +683,7 @@ def train(spec: dict) -> dict:
             plan = builder.plan(state["epoch"])
             plan_epoch = state["epoch"]
             batches = _epoch_batches(plan, state["step_in_epoch"], D, data, collator, int(ft["num_workers"]))
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss_sum, n_pairs = 0.0, 0
         for mi in range(accum):
             labels, enc = next(batches)
@@ -709,14 +709,16 @@ def train(spec: dict) -> dict:
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
         state["step_in_epoch"] += 1
-        dt = time.perf_counter() - t0
+        if device == "cuda":
+            torch.cuda.synchronize()
+        dt, dcpu = time.perf_counter() - t0, time.process_time() - c0
         loss_val = D.mean(loss_sum / accum)
         step_pairs = n_pairs * D.world
         pairs_done += step_pairs
         t_train += dt
         rec = {"event": "train", "step": state["step"], "epoch": state["epoch"], "loss": round(loss_val, 6),
                "lr": scheduler.get_last_lr()[0], "grad_norm": round(float(grad_norm), 6),
-               "pairs_per_s": round(step_pairs / dt, 3) if dt > 0 else None}
+               "pairs_per_s": round(step_pairs / dt, 3) if dt > 0 else None, "cpu_s": round(dcpu, 4)}
         emit(rec)
         pbar.update(1)
         pbar.set_postfix(loss=f"{loss_val:.4f}", pairs_s=f"{pairs_done / max(t_train, 1e-9):.1f}")
