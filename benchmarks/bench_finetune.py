@@ -161,6 +161,37 @@ def run_st(model_path, train, val, out, a, validate=True):
     return res
 
 
+def eval_base(model_path, train, val, a) -> dict:
+    """nDCG@10/MRR of the untrained model on the same candidates, in both input formats."""
+    import contextlib
+
+    import torch
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    from rerankflow.finetune import _Collator, _load_model, score_pairs, validation_metrics
+    from rerankflow.formatting import DEFAULT_PROMPT_TEMPLATE
+    from rerankflow.training_data import load_training_data
+
+    data = load_training_data(train, val, 0, a.seed)
+    qrels = {v.qid: {d: 1 for d in v.relevant} for v in data.val}
+    pairs = [(v.question, data.passages[d]) for v in data.val for d in v.candidates]
+    owners = [(v.qid, d) for v in data.val for d in v.candidates]
+
+    def metrics(scores):
+        run = {}
+        for (q, d), s in zip(owners, scores):
+            run.setdefault(q, {})[d] = float(s)
+        return validation_metrics(run, qrels)
+
+    out = {}
+    ce = CrossEncoder(model_path, num_labels=1, max_length=a.max_length, device=a.device)
+    out["pair_encoding"] = metrics(ce.predict(pairs, batch_size=32, activation_fn=torch.nn.Identity()))
+    model, tok = _load_model(model_path)
+    col = _Collator(tok, DEFAULT_PROMPT_TEMPLATE, a.max_length)
+    out["prompt_template"] = metrics(score_pairs(model, col, pairs, 32, torch.device(a.device), contextlib.nullcontext))
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="", help="HF checkpoint dir (e.g. the imported MiniLM-L12); default tiny BERT")
@@ -177,6 +208,7 @@ def main():
     ap.add_argument("--seed", type=int, default=13)
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds per system (load fairness)")
     ap.add_argument("--no-grouping", action="store_true", help="ablation: our loop without length grouping")
+    ap.add_argument("--eval-base", action="store_true", help="also score the untrained model (both input formats)")
     ap.add_argument("--json", default="", help="also write the results here")
     a = ap.parse_args()
     import torch
@@ -192,6 +224,9 @@ def main():
     train, val = build_data(Path(a.scifact), work / "data", n_train, a.val_queries, pool=2 * a.n_passages, seed=a.seed)
     print(f"model {model}; {n_train} SciFact train queries, {a.val_queries} val queries; {a.steps} steps x "
           f"{a.batch_pairs} pairs, max_length {a.max_length}, {a.threads} threads, {a.device}", flush=True)
+    if a.eval_base:
+        base = eval_base(model, train, val, a)
+        print("base model, untrained:", json.dumps(base), flush=True)
     # rounds alternate the order of the two systems, so a change in the load of a shared machine
     # hits both; validation only after the last round
     runs = {"sentence_transformers": [], "rerankflow": []}
@@ -216,6 +251,8 @@ def main():
           f"{s['pairs_per_cpu_s']:.2f})")
     print(f"validation nDCG@10: ours {o['val_ndcg@10']:.4f}, sentence-transformers {s['val_ndcg@10']:.4f}; "
           f"MRR ours {o['val_mrr']:.4f}, st {s['val_mrr']:.4f}")
+    if a.eval_base:
+        res["base"] = base
     res.update({"ratio_wall": ratio, "ratio_cpu": ratio_cpu, "args": vars(a), "machine": platform.platform(),
                 "cpus": os.cpu_count(), "load_avg_end": os.getloadavg()})
     if a.json:

@@ -45,5 +45,7 @@ rule finetune:
         "logs/finetune.log",
     benchmark:
         "logs/benchmarks/finetune.tsv"
+    conda:
+        "../envs/train.yaml"
     script:
         "../scripts/finetune.py"

@@ -1,20 +1,19 @@
-"""Snakemake entry point of rule `finetune` (stage 2): train, validate, write BEST/LATEST."""
+"""Snakemake entry point: stage 2 fine-tuning (train, validate, BEST/LATEST, resume after a kill)."""
+import _repo  # noqa: F401  (rerankflow importable under --sdm conda)
 
-import sys
+from rerankflow.finetune import run_finetune
+from rerankflow.scripting import rule_logging
 
-sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)  # noqa: F821
-
-from rerankflow.finetune import run_finetune  # noqa: E402
-
-p = snakemake.params  # noqa: F821
-run_finetune(
-    train_path=snakemake.input.train,  # noqa: F821
-    val_path=snakemake.input.val,  # noqa: F821
-    base_model=p.base_model,
-    out_dir=p.out_dir,
-    finetune=p.finetune,
-    reranker=p.reranker,
-    seed=p.seed,
-    device=p.device,
-    threads=snakemake.threads,  # noqa: F821
-)
+with rule_logging(snakemake.log[0], snakemake.threads):
+    p = snakemake.params
+    run_finetune(
+        train_path=snakemake.input.train,
+        val_path=snakemake.input.val,
+        base_model=p.base_model,
+        out_dir=p.out_dir,
+        finetune=p.finetune,
+        reranker=p.reranker,
+        seed=p.seed,
+        device=p.device,
+        threads=snakemake.threads,
+    )
