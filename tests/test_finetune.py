@@ -182,10 +182,10 @@ def test_plan_is_deterministic_and_world_independent(tmp_path):
     assert spread < np.ptp(lens)
 
 
-def test_bce_training_runs(tmp_path):
+def test_bce_training_runs_with_dataloader_worker(tmp_path):
     train, val, _ = write_dataset(tmp_path / "d", n_queries=24)
     base = tiny_bert(tmp_path / "m")
-    s = run_finetune(train, val, str(base), tmp_path / "o", dict(FT, loss="bce", max_steps=6, val_every_steps=3),
+    s = run_finetune(train, val, str(base), tmp_path / "o", dict(FT, loss="bce", max_steps=6, val_every_steps=3, num_workers=1),
                      RERANKER, seed=1, device="cpu", threads=1)
     recs = [json.loads(x) for x in (tmp_path / "o" / "training_log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in recs if r["event"] == "train"]
