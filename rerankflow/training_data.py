@@ -179,8 +179,12 @@ def holdout_split(examples: list[TrainExample], n_queries: int, seed: int):
     return train, val
 
 
-def load_training_data(train_path, val_path, val_queries: int, seed: int) -> TrainingData:
-    """Read prep's unrolled training file and ``val.json``; hold out queries when val.json is empty."""
+def load_training_data(train_path, val_path, val_queries: int, seed: int, val_max_queries: int = 0) -> TrainingData:
+    """Read prep's unrolled training file and ``val.json``; hold out queries when val.json is empty.
+
+    ``val_max_queries`` > 0 caps the validation set (a seeded subset of val.json's queries), so
+    validating every few steps stays cheap on a CPU.
+    """
     cpath, records = read_records(train_path)
     if not records:
         raise InputError("training file has no records", path=train_path)
@@ -193,6 +197,10 @@ def load_training_data(train_path, val_path, val_queries: int, seed: int) -> Tra
         if vrecords:
             val = build_val_queries(build_examples(vrecords, val_path))
             val_source = "val.json"
+    if val and 0 < val_max_queries < len(val):
+        rng = np.random.default_rng([int(seed), 0x7A1])
+        keep = sorted(rng.choice(len(val), size=val_max_queries, replace=False).tolist())
+        val = [val[i] for i in keep]
     if not val:
         examples, val = holdout_split(examples, val_queries, seed)
         val_source = "holdout" if val else "none"

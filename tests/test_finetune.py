@@ -133,6 +133,9 @@ def test_val_json_used_when_present(tmp_path):
     train, val, _ = write_dataset(tmp_path, n_queries=10, val_queries=3)
     data = load_training_data(train, val, val_queries=5, seed=1)
     assert data.val_source == "val.json" and len(data.val) == 3 and len(data.examples) == 10
+    capped = load_training_data(train, val, val_queries=5, seed=1, val_max_queries=2)
+    assert len(capped.val) == 2 and {v.qid for v in capped.val} <= {v.qid for v in data.val}
+    assert [v.qid for v in load_training_data(train, val, 5, 1, 2).val] == [v.qid for v in capped.val]
 
 
 def test_bad_input_names_file(tmp_path):
