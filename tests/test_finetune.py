@@ -15,7 +15,7 @@ from rerankflow.errors import InputError  # noqa: E402
 from rerankflow.finetune import autoscale_batch, merged_config, run_finetune  # noqa: E402
 from rerankflow.testing import tiny_bert  # noqa: E402
 from rerankflow.training_data import (  # noqa: E402
-    NegativeSampler, PlanBuilder, build_examples, holdout_split, length_grouped_batches, load_training_data,
+    NegativeSampler, PlanBuilder, build_examples, length_grouped_batches, load_training_data,
     read_records)
 
 TOTAL = 40
