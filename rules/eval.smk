@@ -29,7 +29,7 @@ rule evaluate:
         eval=config["eval"],
         retrieval=config["retrieval"],
         reranker=config["reranker"],
-        base_model=base_model_path(),
+        base_model=lambda wildcards, input: input.base_model if input.base_model else base_model_path(),
         seed=config["seed"],
         device=config["device"],
     log:

@@ -12,7 +12,7 @@ with rule_logging(snakemake.log[0], snakemake.threads):
         eval_cfg=snakemake.params.eval,
         retrieval_cfg=snakemake.params.retrieval,
         reranker_cfg=snakemake.params.reranker,
-        base_model=snakemake.params.base_model if snakemake.params.eval["eval_base"] else None,
+        base_model=str(snakemake.params.base_model) if snakemake.params.eval["eval_base"] else None,
         finetuned_checkpoint=str(snakemake.input.checkpoint) if snakemake.params.eval["eval_finetuned"] else None,
         device=snakemake.params.device,
         seed=snakemake.params.seed,
