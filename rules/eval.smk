@@ -16,13 +16,13 @@ rule evaluate:
         table=report(
             f"{OUT}/stage3_eval/eval_table.tsv",
             caption="../report/eval_table.rst",
-            category="3. Evaluation",
+            category="Stage 3: evaluation",
             labels={"figure": "metrics per system, paired CIs"},
         ),
         plot=report(
             f"{OUT}/stage3_eval/ndcg_plot.png",
             caption="../report/ndcg_plot.rst",
-            category="3. Evaluation",
+            category="Stage 3: evaluation",
             labels={"figure": "nDCG@k per system"},
         ),
     params:
