@@ -358,3 +358,42 @@ def test_scorer_matches_a_direct_transformers_forward(setup, input_format):
     with torch.inference_mode():
         want = model(**enc).logits[:, 0].numpy()
     assert abs(got - want).max() < 1e-5
+
+
+def test_rule_endpoint_mismatch_fails_and_keeps_results(setup, tmp_path):
+    """Through Snakemake (rules/eval.smk + scripts/evaluate.py): the job fails with the parity message,
+    Snakemake removes the declared outputs of the failed job, the copy in last_failure/ survives."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import REPO, subprocess_env
+    from rerankflow.evaluate import EVAL_DEFAULTS
+
+    snakefile = tmp_path / "Snakefile"
+    snakefile.write_text(
+        'OUT = config["output_dir"]\n'
+        'def eval_data_dir(): return config["eval"]["eval_data_path"]\n'
+        'def base_model_dir(): return config["test_base"]\n'
+        'def base_model_path(): return config["test_base"]\n'
+        'def finetuned_checkpoint(): return config["eval"]["finetuned_checkpoint"]\n'
+        f'include: "{REPO}/rules/eval.smk"\n')
+    server = _RankingServer(lambda q, ps: [float(len(p)) for p in ps])
+    cfg = {"output_dir": "out", "seed": 1, "device": "cpu", "test_base": str(setup["base"]),
+           "retrieval": setup["retrieval"], "reranker": RERANKER_CFG,
+           "eval": {**EVAL_DEFAULTS, **EVAL_CFG, "eval_base": False, "eval_data_path": str(setup["data"]),
+                    "finetuned_checkpoint": str(setup["finetuned"]), "endpoint": server.url}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    try:
+        proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(snakefile), "--directory", str(tmp_path),
+                               "--cores", "1", "out/stage3_eval/eval_results.json", "--configfile", str(tmp_path / "config.yaml")],
+                              capture_output=True, text=True, timeout=600, env=subprocess_env(), cwd=tmp_path)
+    finally:
+        server.close()
+    assert proc.returncode != 0
+    log = (tmp_path / "logs" / "evaluate.log").read_text()
+    assert "endpoint parity FAILED" in log and "last_failure" in log
+    assert not (tmp_path / "out" / "stage3_eval" / "eval_results.json").exists()  # removed by Snakemake
+    kept = json.loads((tmp_path / "out" / "stage3_eval" / "last_failure" / "eval_results.json").read_text())
+    assert kept["endpoint_parity"]["passed"] is False and {"first_stage", "finetuned", "endpoint"} <= set(kept)
