@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from .errors import InputError
-from .io import atomic_path, iter_jsonl, write_jsonl
+from .io import atomic_path, iter_jsonl_numbered, write_jsonl
 
 QRELS_HEADER = "query-id\tcorpus-id\tscore"
 
@@ -22,7 +22,7 @@ def passage_text(doc: dict) -> str:
 
 def load_corpus(path) -> dict[str, dict]:
     corpus: dict[str, dict] = {}
-    for lineno, row in enumerate(iter_jsonl(path), start=1):
+    for lineno, row in iter_jsonl_numbered(path):
         if "_id" not in row or "text" not in row:
             raise InputError("corpus row needs '_id' and 'text'", path=path, line=lineno)
         corpus[str(row["_id"])] = {"title": row.get("title") or "", "text": row["text"]}
@@ -33,7 +33,7 @@ def load_queries(path) -> tuple[dict[str, str], dict[str, dict]]:
     """Return ``(queries, metadata)``; metadata holds a query's ``metadata`` object when present."""
     queries: dict[str, str] = {}
     meta: dict[str, dict] = {}
-    for lineno, row in enumerate(iter_jsonl(path), start=1):
+    for lineno, row in iter_jsonl_numbered(path):
         if "_id" not in row or "text" not in row:
             raise InputError("query row needs '_id' and 'text'", path=path, line=lineno)
         qid = str(row["_id"])

@@ -104,6 +104,12 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[dict]:
 
     A line that is not a JSON object raises :class:`InputError` with its line number.
     """
+    for _lineno, obj in iter_jsonl_numbered(path):
+        yield obj
+
+
+def iter_jsonl_numbered(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """Like :func:`iter_jsonl` but yields ``(line_number, object)``."""
     path = Path(path)
     if not path.exists():
         raise InputError("file not found", path=path)
@@ -121,7 +127,7 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[dict]:
                 raise InputError(f"malformed JSON line ({exc.msg}); expected one JSON object per line", path=path, line=lineno) from None
             if not isinstance(obj, dict):
                 raise InputError(f"expected a JSON object, got {type(obj).__name__}", path=path, line=lineno)
-            yield obj
+            yield lineno, obj
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

@@ -1,0 +1,32 @@
+# rerankflow: fine-tune, evaluate, export and serve cross-encoder rerankers, as Snakemake file targets.
+#
+#   snakemake --cores all                                     # default target: stages 0-4
+#   snakemake --cores all output/rerank/stage3_eval/eval_results.json
+#   snakemake --cores all output/rerank/stage5_deploy/endpoint.json   # deploy is asked for by name
+#   snakemake --configfile tests/config/tiny.yaml --cores all # the tiny pipeline (minutes on 2 cores)
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "config/schema.yaml", set_default=True)
+
+
+include: "rules/common.smk"
+include: "rules/sdg.smk"
+include: "rules/prep.smk"
+
+
+localrules:
+    all,
+    write_default_corpus,
+
+
+rule all:
+    default_target: True
+    input:
+        default_targets(),

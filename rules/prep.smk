@@ -1,0 +1,29 @@
+# Stage 1: quality filter, document-level split, passage corpus, hard-negative mining, BEIR eval set.
+
+
+rule prep:
+    input:
+        prep_input(),
+    output:
+        train=f"{OUT}/stage1_prep/train.json",
+        val=f"{OUT}/stage1_prep/val.json",
+        corpus=f"{OUT}/stage1_prep/corpus/train.parquet",
+        mined=f"{OUT}/stage1_prep/train_mined.automodel.json",
+        unrolled=f"{OUT}/stage1_prep/train_mined.automodel_unrolled.json",
+        eval_beir=directory(f"{OUT}/stage1_prep/eval_beir"),
+        summary=f"{OUT}/stage1_prep/prep_summary.json",
+    params:
+        prep=config["prep"],
+        retrieval=config["retrieval"],
+        seed=config["seed"],
+        out_dir=f"{OUT}/stage1_prep",
+    log:
+        "logs/prep.log",
+    benchmark:
+        "logs/benchmarks/prep.tsv"
+    threads: workflow.cores
+    resources:
+        mem_mb=8000,
+        runtime=240,
+    script:
+        "../scripts/prep.py"

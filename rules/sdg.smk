@@ -1,0 +1,42 @@
+# Stage 0: source corpus and synthetic question generation.
+
+
+rule write_default_corpus:
+    output:
+        directory(f"{OUT}/corpus/pydoc"),
+    params:
+        python=python_version(),
+    log:
+        "logs/write_default_corpus.log",
+    benchmark:
+        "logs/benchmarks/write_default_corpus.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    script:
+        "../scripts/write_default_corpus.py"
+
+
+rule sdg:
+    input:
+        corpus=corpus_input(),
+    output:
+        sdg_outputs(),
+    params:
+        corpus_dir=corpus_dir(),
+        corpus=config["corpus"],
+        sdg=config["sdg"],
+        dedup_model=config["retrieval"]["model"],
+        seed=config["seed"],
+        out_dir=f"{OUT}/stage0_sdg",
+    log:
+        "logs/sdg.log",
+    benchmark:
+        "logs/benchmarks/sdg.tsv"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=120,
+    script:
+        "../scripts/sdg.py"

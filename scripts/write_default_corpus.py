@@ -1,0 +1,6 @@
+"""Snakemake entry point: write the embedded default corpus (the interpreter's Python documentation)."""
+from rerankflow.corpus import write_default_corpus
+from rerankflow.scripting import rule_logging
+
+with rule_logging(snakemake.log[0]):
+    write_default_corpus(snakemake.output[0])
