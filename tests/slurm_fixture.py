@@ -53,6 +53,20 @@ def missing_requirements() -> str | None:
     return None
 
 
+try:  # loaded here: the pre-exec hook in the child must not import or load libraries
+    import ctypes
+
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux/glibc
+    _PRCTL = None
+
+
+def _set_parent_death_signal(sig: int) -> None:
+    """prctl(PR_SET_PDEATHSIG): the calling process gets ``sig`` when its parent exits (Linux)."""
+    if _PRCTL is not None:
+        _PRCTL(1, int(sig), 0, 0, 0)
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -86,6 +100,7 @@ class LocalSlurm:
         while self.slurmd_port == self.ctld_port:
             self.slurmd_port = _free_port()
         self.procs: dict[str, int] = {}
+        self._popen: dict[str, subprocess.Popen] = {}
         self.conf = self.root / "slurm.conf"
         self.bin = self.root / "bin"
         # munged (user munge) must reach its files: they live in their own world-traversable temp
@@ -186,23 +201,25 @@ NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={self.real_m
     # ------------------------------------------------------------------ lifecycle
     def _spawn(self, name: str, argv: list[str], user: str | None = None) -> None:
         log = open(self.root / "log" / f"{name}.stdout", "wb")
-        pre = None
-        if user is not None:
-            pw = pwd.getpwnam(user)
+        pw = pwd.getpwnam(user) if user is not None else None
 
-            def pre():  # noqa: E306 - runs in the child before exec
+        def pre():  # runs in the child before exec
+            if pw is not None:
                 os.setgid(pw.pw_gid)
-                os.initgroups(user, pw.pw_gid)
+                os.initgroups(pw.pw_name, pw.pw_gid)
                 os.setuid(pw.pw_uid)
+            # die with the test process even if it is killed before stop() runs (set after the
+            # uid change, which would clear it)
+            _set_parent_death_signal(signal.SIGTERM)
+
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env(),
                                 preexec_fn=pre, start_new_session=True)
         log.close()
         self.procs[name] = proc.pid
-        self._popen = getattr(self, "_popen", {})
         self._popen[name] = proc
 
     def _check_alive(self) -> None:
-        for name, proc in getattr(self, "_popen", {}).items():
+        for name, proc in self._popen.items():
             if proc.poll() is not None:
                 raise RuntimeError(
                     f"{name} exited with {proc.returncode} during startup:\n{self.logs_tail()}")
@@ -254,7 +271,7 @@ NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={self.real_m
 
     def stop(self) -> None:
         """Stop the daemons by PID (slurmd first), escalate to SIGKILL after 10 s."""
-        popen = getattr(self, "_popen", {})
+        popen = self._popen
         for name in ("slurmd", "slurmctld", "munged"):
             proc = popen.get(name)
             if proc is None or proc.poll() is not None:

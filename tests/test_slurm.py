@@ -218,3 +218,104 @@ def test_finetune_given_two_gpus_sees_two(cluster, workflow_run, tmp_path):
     assert gpu["SLURM_JOB_ID"] in jobs
     assert gpu["CUDA_VISIBLE_DEVICES"] == "0,1"
     assert re.search(r"gpu:2\b", scontrol_job(cluster, gpu["SLURM_JOB_ID"]).get("TresPerJob", ""))
+
+
+# ---------------------------------------------------------------- the real workflow
+
+SNAKEFILE = REPO / "Snakefile"
+TINY = REPO / "tests" / "config" / "tiny.yaml"
+# stage rule file -> the GPU rules of profiles/slurm it must define
+STAGE_GPU_RULES = {"prep.smk": ("prep",), "finetune.smk": ("finetune",), "eval.smk": ("evaluate",),
+                   "export.smk": ("export_onnx", "export_tensorrt")}
+needs_workflow = pytest.mark.skipif(not (SNAKEFILE.is_file() and TINY.is_file()),
+                                    reason="the workflow (Snakefile, tests/config/tiny.yaml) is not in this checkout")
+
+
+def workflow_env(base: dict) -> dict:
+    env = dict(base)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    return env
+
+
+def tiny_overlay(dest: Path) -> Path:
+    """tiny.yaml's relative paths made absolute/isolated so the run can live in a temp dir."""
+    tiny = yaml.safe_load(TINY.read_text())
+    out = dest / "out"
+    overlay = {"output_dir": str(out)}
+    if tiny.get("corpus", {}).get("dir"):
+        overlay["corpus"] = {"dir": str(REPO / tiny["corpus"]["dir"])}
+    overlay["retrieval"] = {"cache_dir": str(out / "cache" / "embeddings")}
+    path = dest / "overlay.yaml"
+    path.write_text(yaml.safe_dump(overlay))
+    return path
+
+
+def job_stats(output: str) -> dict[str, int]:
+    """Snakemake's 'Job stats' table: {rule: count}."""
+    m = re.search(r"Job stats:\njob\s+count\n[- ]+\n(.*?)\ntotal\s+(\d+)", output, re.S)
+    assert m, output[-3000:]
+    return {line.split()[0]: int(line.split()[1]) for line in m.group(1).splitlines() if line.strip()}
+
+
+@needs_workflow
+def test_profile_gpu_rules_exist_in_the_workflow():
+    """set-resources for a misspelled rule would silently do nothing: every GPU rule the profile
+    names must be a rule of the workflow once its stage's rule file exists."""
+    res = subprocess.run([*SNAKEMAKE, "-s", str(SNAKEFILE), "--configfile", str(TINY), "--list-rules"],
+                         cwd=REPO, env=workflow_env(os.environ), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rules = set(res.stdout.split())
+    prof = load_profile()
+    checked = 0
+    for smk, names in STAGE_GPU_RULES.items():
+        if (REPO / "rules" / smk).is_file():
+            for name in names:
+                assert name in rules, f"profiles/slurm configures rule {name!r}, which rules/{smk} does not define"
+                assert name in prof["set-resources"]
+                checked += 1
+    assert checked >= 1
+
+
+@needs_slurm
+@needs_workflow
+def test_tiny_pipeline_runs_through_slurm(cluster, tmp_path):
+    """The real tiny pipeline (default target) through the profile: every job is a Slurm job and
+    the GPU rules were submitted to the GPU partition with a GPU."""
+    prof = fitted_profile(tmp_path / "profile", cluster)
+    overlay = tiny_overlay(tmp_path)
+    wd = tmp_path / "run"
+    wd.mkdir()
+    t0 = time.monotonic()
+    res = run_snakemake(["-s", str(SNAKEFILE), "-d", str(wd), "--profile", str(prof),
+                         "--workflow-profile", str(DEFAULT_PROFILE),
+                         "--configfile", str(TINY), str(overlay)], wd, workflow_env(cluster.env()), 900)
+    seconds = time.monotonic() - t0
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, f"rc {res.returncode}:\n{out[-8000:]}"
+    stats = job_stats(out)
+    local = {"all", "write_default_corpus", "stop_deploy"}
+    remote_jobs = sum(n for rule, n in stats.items() if rule not in local)
+    jobs = submitted_jobs(out)
+    assert remote_jobs >= 2 and len(jobs) == remote_jobs, (stats, jobs)
+    assert "localrule prep" not in out and "localrule sdg" not in out
+    out_dir = tmp_path / "out"
+    assert (out_dir / "stage1_prep" / "train_mined.automodel_unrolled.json").is_file()
+    assert (out_dir / "stage1_prep" / "eval_beir" / "qrels" / "test.tsv").is_file()
+
+    by_rule: dict[str, dict] = {}
+    for jobid in jobs:
+        info = scontrol_job(cluster, jobid)
+        assert info["JobState"] == "COMPLETED", info
+        by_rule[info["Comment"].removeprefix("rule_")] = info
+    profile = load_profile()
+    for rule, info in by_rule.items():
+        if rule in profile["set-resources"] and profile["set-resources"][rule].get("gpu"):
+            assert info["Partition"] == profile["set-resources"][rule]["slurm_partition"]
+            assert re.search(r"gpu:%d\b" % profile["set-resources"][rule]["gpu"], info.get("TresPerJob", "")), info
+        else:
+            assert info["Partition"] == profile["default-resources"]["slurm_partition"]
+            assert "gpu" not in info.get("TresPerJob", "")
+    assert "prep" in by_rule
+    print(f"\ntiny pipeline through Slurm: {seconds:.1f} s, jobs {sorted(by_rule)}", file=sys.stderr)
