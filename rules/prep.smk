@@ -16,7 +16,6 @@ rule prep:
         prep=config["prep"],
         retrieval=config["retrieval"],
         seed=config["seed"],
-        out_dir=f"{OUT}/stage1_prep",
     log:
         "logs/prep.log",
     benchmark:
@@ -25,5 +24,7 @@ rule prep:
     resources:
         mem_mb=8000,
         runtime=240,
+    conda:
+        "../envs/data.yaml"
     script:
         "../scripts/prep.py"

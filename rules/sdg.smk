@@ -14,6 +14,8 @@ rule write_default_corpus:
     resources:
         mem_mb=1000,
         runtime=10,
+    conda:
+        "../envs/data.yaml"
     script:
         "../scripts/write_default_corpus.py"
 
@@ -24,12 +26,11 @@ rule sdg:
     output:
         sdg_outputs(),
     params:
-        corpus_dir=corpus_dir(),
+        corpus_dir=lambda wildcards, input: input.corpus[0] if input.corpus else corpus_dir(),
         corpus=config["corpus"],
         sdg=config["sdg"],
         dedup_model=config["retrieval"]["model"],
         seed=config["seed"],
-        out_dir=f"{OUT}/stage0_sdg",
     log:
         "logs/sdg.log",
     benchmark:
@@ -38,5 +39,7 @@ rule sdg:
     resources:
         mem_mb=4000,
         runtime=120,
+    conda:
+        "../envs/data.yaml"
     script:
         "../scripts/sdg.py"

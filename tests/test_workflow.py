@@ -1,0 +1,92 @@
+"""The workflow through Snakemake: the tiny pipeline, the DAG, rerun triggers, lint."""
+
+import json
+import re
+
+import pytest
+import yaml
+
+from conftest import REPO, TEST_CORPUS, run_snakemake
+
+PREP_TARGET = "output/tiny/stage1_prep/train_mined.automodel_unrolled.json"
+
+
+def tiny_config(tmp_path, **overrides):
+    cfg = yaml.safe_load((REPO / "tests/config/tiny.yaml").read_text())
+    cfg["corpus"]["dir"] = str(TEST_CORPUS)
+    for section, values in overrides.items():
+        cfg.setdefault(section, {}).update(values)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def planned_rules(proc) -> dict[str, int]:
+    """Rule -> job count from the 'Job stats' table of a dry run."""
+    out = proc.stdout + proc.stderr
+    if "Nothing to be done" in out:
+        return {}
+    table = out.split("Job stats:", 1)[1]
+    rules = {}
+    for line in table.splitlines()[3:]:
+        m = re.match(r"^(\w+)\s+(\d+)\s*$", line.strip())
+        if not m:
+            break
+        if m.group(1) != "total":
+            rules[m.group(1)] = int(m.group(2))
+    return rules
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("wf")
+    cfg = tiny_config(wd)
+    run_snakemake(wd, PREP_TARGET, configfile=cfg)
+    return wd, cfg
+
+
+def test_stages_0_and_1_outputs(tiny_run):
+    wd, _ = tiny_run
+    out = wd / "output/tiny"
+    manifest = json.loads((out / "stage0_sdg/generation_result.json").read_text())
+    assert manifest["output_file"] == "tiny.jsonl" and manifest["num_documents"] == 12
+    assert len((out / "stage0_sdg/tiny.jsonl").read_text().splitlines()) == 12
+    summary = json.loads((out / "stage1_prep/prep_summary.json").read_text())
+    assert summary["queries_per_split"]["train"] >= 10 and summary["queries_per_split"]["test"] >= 3
+    unrolled = json.loads((out / "stage1_prep/train_mined.automodel_unrolled.json").read_text())
+    assert len(unrolled["data"]) == summary["unrolled_records"]
+    assert all(len(r["neg_doc"]) == 4 for r in unrolled["data"])
+    for f in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv"):
+        assert (out / "stage1_prep/eval_beir" / f).exists()
+    for rule in ("sdg", "prep"):
+        assert (wd / "logs" / f"{rule}.log").exists()
+        assert (wd / "logs/benchmarks" / f"{rule}.tsv").read_text().startswith("s\th:m:s")
+    assert list((out / "cache/embeddings").glob("*.npy")), "embedding cache written"
+
+
+def test_nothing_planned_when_nothing_changed(tiny_run):
+    wd, cfg = tiny_run
+    assert planned_rules(run_snakemake(wd, "-n", PREP_TARGET, configfile=cfg)) == {}
+
+
+def test_changed_prep_param_reruns_prep_not_sdg(tiny_run):
+    wd, _ = tiny_run
+    cfg2 = tiny_config(wd, prep={"hard_negatives_to_mine": 3})
+    plan = planned_rules(run_snakemake(wd, "-n", PREP_TARGET, configfile=cfg2))
+    assert "prep" in plan and "sdg" not in plan and "write_default_corpus" not in plan
+    cfg3 = tiny_config(wd, sdg={"num_pairs": 2})
+    plan = planned_rules(run_snakemake(wd, "-n", PREP_TARGET, configfile=cfg3))
+    assert {"sdg", "prep"} <= set(plan)
+
+
+def test_dry_run_of_embedded_default_shows_the_dag(tmp_path):
+    proc = run_snakemake(tmp_path, "-n")
+    plan = planned_rules(proc)
+    assert {"write_default_corpus", "sdg", "prep"} <= set(plan)
+
+
+def test_lint_is_clean(tmp_path):
+    proc = run_snakemake(tmp_path, "--lint", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "Lints for rule" not in out and "Lints for snakefile" not in out, out[-3000:]
