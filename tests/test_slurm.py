@@ -278,6 +278,38 @@ def test_profile_gpu_rules_exist_in_the_workflow():
     assert checked >= 1
 
 
+def dry_run_resources(output: str) -> dict[str, dict[str, str]]:
+    """{rule: {resource: value}} from a dry-run's job listing."""
+    found = {}
+    for m in re.finditer(r"^(?:local)?rule (\w+):\n(?:    .*\n)*?    resources: (.*)$", output, re.M):
+        found[m.group(1)] = dict(kv.split("=", 1) for kv in m.group(2).split(", ") if "=" in kv)
+    return found
+
+
+@needs_workflow
+def test_dry_run_through_the_profile_shows_the_slurm_requests(tmp_path):
+    """No Slurm needed: the committed profile, as Snakemake reads it with the real workflow, gives
+    the GPU rules their GPU partition/GPU/CPU/memory request and the CPU rules the CPU partition."""
+    overlay = tiny_overlay(tmp_path)
+    res = subprocess.run([*SNAKEMAKE, "-s", str(SNAKEFILE), "-d", str(tmp_path), "-n", "--profile",
+                          str(PROFILE.parent), "--configfile", str(TINY), str(overlay)],
+                         cwd=tmp_path, env=workflow_env(os.environ), capture_output=True, text=True, timeout=180)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-4000:]
+    assert "workflow specific profile" in out and str(DEFAULT_PROFILE) in out  # profiles/default is layered on
+    resources = dry_run_resources(out)
+    prof = load_profile()
+    assert "prep" in resources and "sdg" in resources, out[-4000:]
+    for rule, res_ in resources.items():
+        want = prof["set-resources"].get(rule)
+        if want:
+            for key in ("slurm_partition", "gpu", "cpus_per_gpu", "mem_mb", "runtime"):
+                assert res_[key] == str(want[key]), (rule, key, res_)
+        else:
+            assert res_["slurm_partition"] == prof["default-resources"]["slurm_partition"], (rule, res_)
+            assert "gpu" not in res_ or res_["gpu"] == "0", (rule, res_)
+
+
 @needs_slurm
 @needs_workflow
 def test_tiny_pipeline_runs_through_slurm(cluster, tmp_path):
