@@ -1,18 +1,24 @@
 """A real, single-node Slurm cluster started in a temporary directory, for tests.
 
-``LocalSlurm(root).start()`` starts ``munged``, ``slurmctld -i`` and ``slurmd`` with a generated
-``slurm.conf`` and its own munge key and socket under ``root`` (nothing under /etc is changed and
-several clusters can run side by side on one machine), waits until the node is idle and returns.
-``env()`` gives the environment under which ``sbatch``/``squeue``/``snakemake --profile
-profiles/slurm`` talk to that cluster (``SLURM_CONF``). ``stop()`` ends the three daemons by the PIDs
-they were started with (never by name) and waits for them to exit.
+``LocalSlurm(root, partitions, gpus).start()`` starts ``munged`` (as user munge, with its own key
+and socket), ``slurmctld -i`` and ``slurmd`` with a generated ``slurm.conf`` under ``root``, waits
+until ``sinfo`` (always under ``timeout``: it blocks while slurmctld is down) reports the node
+idle, and returns. Nothing under /etc or /run is used or changed, so several clusters can run side
+by side. ``env()`` is the environment under which clients (``sbatch``, ``squeue``, ``snakemake
+--profile profiles/slurm``) talk to this cluster: ``SLURM_CONF`` plus client shims first on
+``PATH`` (see ``_write_client_shims``). ``stop()`` ends the daemons by the PIDs they were started
+with (never by name), slurmd first, and waits for them; the daemons also get SIGTERM if the test
+process dies without calling ``stop()`` (PR_SET_PDEATHSIG).
 
-The cluster: one node named ``hostname -s`` at 127.0.0.1 with ``nproc`` CPUs, memory below the
-free memory, one fake GPU (``gres.conf``: ``Name=gpu File=/dev/null``; jobs asking ``--gpus=1``
-run with ``CUDA_VISIBLE_DEVICES=0``), one default partition, no accounting database
-(``AccountingStorageType=accounting_storage/none``; ``sacct`` does not work, so clients must use
-the plugin's ``squeue`` status mode, which needs ``MinJobAge`` >= 3 x the first status-check delay:
-``MinJobAge=300``). Daemons listen on free TCP ports of 127.0.0.1 only.
+The cluster: one node named ``hostname -s`` at 127.0.0.1 with ``nproc`` CPUs, RealMemory at most
+half the available memory, ``gpus`` fake GPUs (gres.conf ``AutoDetect=off`` and ``Name=gpu
+File=/dev/null`` (/dev/zero, ...): a GPU needs a real character device or the node goes INVAL;
+``--gpus=N`` jobs then run with ``CUDA_VISIBLE_DEVICES=0,..,N-1``), the given partitions on that
+node (the first is the default), ``DefMemPerCPU`` (else every job takes the whole node's memory),
+``proctrack/linuxproc``, ``task/none``, ``select/cons_tres``, no accounting database
+(``accounting_storage/none``: ``sacct`` does not work, so clients use the Slurm executor plugin's
+``squeue`` status mode, which it honours only when ``MinJobAge`` >= 3 x its first status-check
+delay: ``MinJobAge=300``). The daemons listen on free TCP ports and talk over 127.0.0.1 only.
 
 Requires root (slurmd must run as root) and Debian's ``slurm-wlm`` + ``munge`` packages
 (``.ci/setup_slurm.sh``); ``missing_requirements()`` says what is absent so tests can skip.
@@ -92,7 +98,7 @@ class LocalSlurm:
         self.partitions = tuple(dict.fromkeys(partitions))
         self.gpus = gpus
         self.node = socket.gethostname().split(".")[0]
-        self.cpus = os.cpu_count() or 1
+        self.cpus = len(os.sched_getaffinity(0)) or 1  # what `nproc` says
         # Well below free memory: the node must never be marked INVAL for "low RealMemory".
         self.real_memory_mb = max(512, min(_available_memory_mb() // 2, 16384))
         self.ctld_port = _free_port()
