@@ -162,7 +162,7 @@ def run_sdg(corpus_dir, out_dir, corpus_cfg: dict, sdg_cfg: dict, retrieval_cfg:
     elif backend == "llm":
         from .sdg_llm import generate_llm
 
-        records, llm_summary = generate_llm(docs, sdg_cfg, retrieval_cfg, seed=seed)
+        records, llm_summary = generate_llm(docs, sdg_cfg, retrieval_cfg, seed=seed, out_dir=out_dir, device=device)
         summary["llm"] = llm_summary
     else:
         raise InputError(f"unknown backend {backend!r}; expected 'offline' or 'llm'", key="sdg.backend")
