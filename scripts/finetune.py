@@ -1,0 +1,19 @@
+"""Snakemake entry point: stage 2 fine-tuning (train, validate, BEST/LATEST, resume after a kill)."""
+import _repo  # noqa: F401  (rerankflow importable under --sdm conda)
+
+from rerankflow.finetune import run_finetune
+from rerankflow.scripting import rule_logging
+
+with rule_logging(snakemake.log[0], snakemake.threads):
+    p = snakemake.params
+    run_finetune(
+        train_path=snakemake.input.train,
+        val_path=snakemake.input.val,
+        base_model=p.base_model,
+        out_dir=p.out_dir,
+        finetune=p.finetune,
+        reranker=p.reranker,
+        seed=p.seed,
+        device=p.device,
+        threads=snakemake.threads,
+    )
