@@ -25,6 +25,9 @@ validate(config, "config/schema.yaml", set_default=True)
 include: "rules/common.smk"
 include: "rules/sdg.smk"
 include: "rules/prep.smk"
+include: "rules/finetune.smk"
+include: "rules/export.smk"
+include: "rules/deploy.smk"
 
 
 localrules:

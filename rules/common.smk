@@ -90,3 +90,9 @@ def finetuned_checkpoint(section="eval"):
     if choice in ("BEST", "LATEST"):
         return f"{OUT}/stage2_finetune/checkpoints/{choice}"
     return choice
+
+
+def finetune_threads():
+    """CPU threads of the finetune job: finetune.threads, else all the cores Snakemake was given."""
+    n = int(_section("finetune").get("threads", 0) or 0)
+    return n if n > 0 else workflow.cores

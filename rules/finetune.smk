@@ -9,23 +9,18 @@
 # then checks them as directories, removes only the link before a rerun and touches the link itself.
 
 
-def _finetune_threads(wildcards=None):
-    n = int(config["finetune"].get("threads", 0) or 0)
-    return n if n > 0 else workflow.cores
-
-
 rule finetune:
     input:
-        train=OUT + "/stage1_prep/train_mined.automodel_unrolled.json",
-        val=OUT + "/stage1_prep/val.json",
-        corpus=OUT + "/stage1_prep/corpus/train.parquet",
+        train=f"{OUT}/stage1_prep/train_mined.automodel_unrolled.json",
+        val=f"{OUT}/stage1_prep/val.json",
+        corpus=f"{OUT}/stage1_prep/corpus/train.parquet",
         base=base_model_dir(),
     output:
-        best=directory(OUT + "/stage2_finetune/checkpoints/BEST"),
-        latest=directory(OUT + "/stage2_finetune/checkpoints/LATEST"),
-        log=OUT + "/stage2_finetune/training_log.jsonl",
+        best=directory(f"{OUT}/stage2_finetune/checkpoints/BEST"),
+        latest=directory(f"{OUT}/stage2_finetune/checkpoints/LATEST"),
+        log=f"{OUT}/stage2_finetune/training_log.jsonl",
         curve=report(
-            OUT + "/stage2_finetune/training_curve.png",
+            f"{OUT}/stage2_finetune/training_curve.png",
             category="Stage 2: fine-tuning",
             labels={"figure": "training loss and validation"},
         ),
@@ -34,9 +29,8 @@ rule finetune:
         reranker=config["reranker"],
         seed=config["seed"],
         device=config["device"],
-        base_model=base_model_path(),
-        out_dir=OUT + "/stage2_finetune",
-    threads: _finetune_threads()
+        base_model=lambda wildcards, input: input.base if input.base else base_model_path(),
+    threads: finetune_threads()
     resources:
         gpu=int(config["finetune"].get("gpus", 0) or 0),
         mem_mb=int(config["finetune"].get("mem_mb", 8000)),
