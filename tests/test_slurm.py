@@ -312,9 +312,9 @@ def test_dry_run_through_the_profile_shows_the_slurm_requests(tmp_path):
 
 
 def tiny_targets() -> list[str]:
-    """The default target (stages 0-4: ~220 s through this Slurm on a shared 2-core machine, ~180 s
-    for stages 0-2 alone), unless RERANKFLOW_SLURM_TINY_TARGETS names targets (space-separated,
-    e.g. "finetune") to shorten a CI run."""
+    """The default target (stages 0-4: 220-245 s through this Slurm on a shared 2-core machine,
+    ~180 s for stages 0-2 alone), unless RERANKFLOW_SLURM_TINY_TARGETS names targets
+    (space-separated, e.g. "finetune" or "prep") to shorten a CI run."""
     return os.environ.get("RERANKFLOW_SLURM_TINY_TARGETS", "").split()
 
 
