@@ -26,8 +26,12 @@ include: "rules/common.smk"
 include: "rules/sdg.smk"
 include: "rules/prep.smk"
 include: "rules/finetune.smk"
+include: "rules/eval.smk"
 include: "rules/export.smk"
 include: "rules/deploy.smk"
+
+
+report: "report/workflow.rst"
 
 
 localrules:
