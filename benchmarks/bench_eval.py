@@ -57,7 +57,7 @@ def synthetic_pairs(n: int):
     rng = random.Random(0)
     words = "the cell protein gene expression tumor patients increased risk study results showed significant".split()
     pairs = []
-    for i in range(n):
+    for _ in range(n):
         q = " ".join(rng.choice(words) for _ in range(rng.randint(5, 15)))
         p = " ".join(rng.choice(words) for _ in range(rng.randint(20, 300)))
         pairs.append((q, p))

@@ -127,7 +127,7 @@ def run_interleaved(requests: list[dict], args) -> tuple[list[dict], list[float]
             port = free_port()
             proc = start_server(args.model, port, batching, args)
             servers[batching] = (proc, f"http://127.0.0.1:{port}")
-        for batching, (proc, url) in servers.items():
+        for _batching, (proc, url) in servers.items():
             wait_ready(url, 120, alive=lambda p=proc: None if p.poll() is None else p.stderr.read().decode()[-2000:])
             asyncio.run(load(url, requests[: args.concurrency], args.concurrency))  # warm-up
         per_round = max(args.concurrency, len(requests) // args.rounds)

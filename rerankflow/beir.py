@@ -91,7 +91,7 @@ def load_query_metadata(data_dir) -> dict[str, dict]:
 
 def check_qrels(qrels, corpus, queries, qrels_path) -> None:
     """Raise when a qrels line names a query or document that does not exist."""
-    for lineno_qid, (qid, docs) in enumerate(qrels.items(), start=1):
+    for qid, docs in qrels.items():
         if qid not in queries:
             raise InputError(f"qrels names query id {qid!r}, which is not in queries.jsonl", path=qrels_path)
         for did in docs:

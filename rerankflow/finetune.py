@@ -20,7 +20,7 @@ Why our own loop and not ``transformers.Trainer`` / sentence-transformers ``Cros
 (1) listwise softmax CE needs each query's 1 + n passages in one micro-batch, and we resample
 those negatives every epoch, which the Trainer's fixed dataset does not do; (2) batches are
 length-grouped over whole query groups with dynamic padding, which measured faster than
-``CrossEncoderTrainer`` on the same data (benchmarks/RESULTS.finetune.md); (3) resuming must restore
+``CrossEncoderTrainer`` on the same data (benchmarks/RESULTS.md); (3) resuming must restore
 our data-order state (epoch, step in epoch) and refuse checkpoints of another config/data (hash),
 and BEST/LATEST/early stopping follow our validation; (4) it runs without ``accelerate``/``datasets``.
 Everything else (models, tokenizers, schedules, DDP, AdamW) is the libraries'.
@@ -808,7 +808,7 @@ def _prepare_checkpoint_dir(ckpt_dir: Path, h: str, out_dir: Path) -> str | None
         if d.name.startswith(".") and d.name.endswith(".tmp"):  # half-written by a killed run
             shutil.rmtree(d, ignore_errors=True) if d.is_dir() and not d.is_symlink() else d.unlink()
     matching, stale = [], []
-    for step, name in list_checkpoints(ckpt_dir):
+    for _step, name in list_checkpoints(ckpt_dir):
         try:
             st = json.loads((ckpt_dir / name / "training_state" / "trainer_state.json").read_text())
         except (OSError, json.JSONDecodeError):

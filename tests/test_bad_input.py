@@ -11,7 +11,7 @@ from rerankflow.io import read_jsonl, write_json
 from rerankflow.prep import run_prep
 from rerankflow.sdg import load_sdg_records, run_sdg
 
-from conftest import REPO, run_snakemake, write_config
+from conftest import run_snakemake, write_config
 
 
 def test_missing_corpus_folder(tmp_path):

@@ -7,7 +7,6 @@ on 127.0.0.1 so the health polling and smoke request of the NIM path run for rea
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket

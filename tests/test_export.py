@@ -69,7 +69,7 @@ def checkpoint(tmp_path_factory):
     model, tok = load_torch_reranker(path)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if p.dim() > 1:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
     model.save_pretrained(path)

@@ -43,7 +43,7 @@ def test_no_source_document_in_two_splits():
 
 def test_prep_splits_by_document(prepped):
     root, summary = prepped
-    sdg = [json.loads(l) for l in (root / "s0" / "t.jsonl").read_text().splitlines()]
+    sdg = [json.loads(line) for line in (root / "s0" / "t.jsonl").read_text().splitlines()]
     question_doc = {}
     for rec in sdg:
         for p in rec["deduplicated_qa_pairs"]:
@@ -51,7 +51,7 @@ def test_prep_splits_by_document(prepped):
     docs_in = {}
     for split, qs in (("train", [r["question"] for r in _load(root, "train.json")["data"]]),
                       ("val", [r["question"] for r in _load(root, "val.json")["data"]]),
-                      ("test", [json.loads(l)["text"] for l in (root / "s1/eval_beir/queries.jsonl").read_text().splitlines()])):
+                      ("test", [json.loads(line)["text"] for line in (root / "s1/eval_beir/queries.jsonl").read_text().splitlines()])):
         docs_in[split] = {question_doc[q] for q in qs}
     assert docs_in["train"] and docs_in["val"] and docs_in["test"]
     assert not (docs_in["train"] & docs_in["test"]) and not (docs_in["train"] & docs_in["val"]) and not (docs_in["val"] & docs_in["test"])
@@ -110,7 +110,7 @@ def test_eval_beir_loads_like_beir(prepped):
     for line in (root / "s1/eval_beir/corpus.jsonl").read_text().splitlines():
         row = json.loads(line)
         assert set(row) == {"_id", "title", "text"}
-    meta_rows = [json.loads(l) for l in (root / "s1/eval_beir/queries.jsonl").read_text().splitlines()]
+    meta_rows = [json.loads(line) for line in (root / "s1/eval_beir/queries.jsonl").read_text().splitlines()]
     assert all(r["metadata"]["query_type"] == "contextual" for r in meta_rows)
 
 

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from rerankflow.corpus import Document, load_documents
+from rerankflow.corpus import load_documents
 from rerankflow.sdg import apply_dedup, load_sdg_records, near_duplicate_mask, run_sdg
 from rerankflow.sdg_offline import generate_offline, judge
 

@@ -9,6 +9,7 @@ import yaml
 from conftest import REPO, TEST_CORPUS, run_snakemake
 
 PREP_TARGET = "output/tiny/stage1_prep/train_mined.automodel_unrolled.json"
+EVAL_TARGET = "output/tiny/stage3_eval/eval_results.json"
 
 
 def tiny_config(tmp_path, **overrides):
@@ -39,9 +40,10 @@ def planned_rules(proc) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
+    """The tiny pipeline's default target (stages 0-4), run once for this module."""
     wd = tmp_path_factory.mktemp("wf")
     cfg = tiny_config(wd)
-    run_snakemake(wd, PREP_TARGET, configfile=cfg)
+    run_snakemake(wd, configfile=cfg)
     return wd, cfg
 
 
@@ -64,25 +66,60 @@ def test_stages_0_and_1_outputs(tiny_run):
     assert list((out / "cache/embeddings").glob("*.npy")), "embedding cache written"
 
 
+def test_stages_2_to_4_outputs(tiny_run):
+    wd, _ = tiny_run
+    out = wd / "output/tiny"
+    best = out / "stage2_finetune/checkpoints/BEST"
+    assert best.is_symlink() and (best / "model/consolidated/config.json").exists()
+    log = [json.loads(line) for line in (out / "stage2_finetune/training_log.jsonl").read_text().splitlines()]
+    assert any(e.get("event") == "val" for e in log) and log[-1]["event"] == "end"
+    results = json.loads((out / "stage3_eval/eval_results.json").read_text())
+    assert {"first_stage", "base", "finetuned"} <= set(results)
+    assert 0.0 <= results["finetuned"]["NDCG"]["NDCG@10"] <= 1.0 and "MRR@10" in results["finetuned"]["MRR"]
+    assert [c["to"] for c in results["comparisons"]] == ["base", "finetuned"]
+    for f in ("per_query.json", "runs/finetuned.trec", "eval_table.tsv", "ndcg_plot.png"):
+        assert (out / "stage3_eval" / f).exists(), f
+    parity = json.loads((out / "stage4_export/parity.json").read_text())
+    assert parity["max_abs_diff"] < 1e-3 and parity["pairs"] > 0
+    assert (out / "stage4_export/onnx/model.onnx").exists() and (out / "stage4_export/onnx_int8/model.onnx").exists()
+    for rule in ("import_base_model", "finetune", "evaluate", "export_onnx"):
+        assert (wd / "logs/benchmarks" / f"{rule}.tsv").exists(), rule
+
+
 def test_nothing_planned_when_nothing_changed(tiny_run):
     wd, cfg = tiny_run
-    assert planned_rules(run_snakemake(wd, "-n", PREP_TARGET, configfile=cfg)) == {}
+    assert planned_rules(run_snakemake(wd, "-n", configfile=cfg)) == {}
+
+
+def test_changed_eval_param_reruns_eval_only(tiny_run):
+    wd, _ = tiny_run
+    plan = planned_rules(run_snakemake(wd, "-n", configfile=tiny_config(wd, eval={"top_k": 8, "k_values": [1, 5]})))
+    assert set(plan) == {"evaluate", "all"}
+    plan = planned_rules(run_snakemake(wd, "-n", configfile=tiny_config(wd, finetune={"learning_rate": 1e-5})))
+    assert {"finetune", "evaluate", "export_onnx"} <= set(plan) and not {"sdg", "prep", "import_base_model"} & set(plan)
+
+
+def test_deploy_target_is_in_the_dag(tiny_run):
+    wd, cfg = tiny_run
+    plan = planned_rules(run_snakemake(wd, "-n", "output/tiny/stage5_deploy/endpoint.json", configfile=cfg))
+    assert set(plan) == {"deploy"}
 
 
 def test_changed_prep_param_reruns_prep_not_sdg(tiny_run):
     wd, _ = tiny_run
     cfg2 = tiny_config(wd, prep={"hard_negatives_to_mine": 3})
-    plan = planned_rules(run_snakemake(wd, "-n", PREP_TARGET, configfile=cfg2))
-    assert "prep" in plan and "sdg" not in plan and "write_default_corpus" not in plan
+    plan = planned_rules(run_snakemake(wd, "-n", configfile=cfg2))
+    assert {"prep", "finetune", "evaluate", "export_onnx"} <= set(plan)
+    assert "sdg" not in plan and "write_default_corpus" not in plan
     cfg3 = tiny_config(wd, sdg={"num_pairs": 2})
     plan = planned_rules(run_snakemake(wd, "-n", PREP_TARGET, configfile=cfg3))
     assert {"sdg", "prep"} <= set(plan)
 
 
-def test_dry_run_of_embedded_default_shows_the_dag(tmp_path):
-    proc = run_snakemake(tmp_path, "-n")
-    plan = planned_rules(proc)
-    assert {"write_default_corpus", "sdg", "prep"} <= set(plan)
+def test_dry_run_of_embedded_default_shows_all_six_stages(tmp_path):
+    plan = planned_rules(run_snakemake(tmp_path, "-n", "all", "output/rerank/stage5_deploy/endpoint.json"))
+    assert {"write_default_corpus", "sdg", "prep", "import_base_model", "finetune", "evaluate", "export_onnx",
+            "deploy"} <= set(plan)
 
 
 def test_lint_is_clean(tmp_path):
