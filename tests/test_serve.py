@@ -372,7 +372,7 @@ def test_config_part_maps_onto_server_settings(repo):
 
     import yaml
 
-    part = yaml.safe_load((repo / "config" / "config.deploy.yaml.part").read_text())["deploy"]
+    part = yaml.safe_load((repo / "config" / "config.yaml").read_text())["deploy"]
     names = {f.name for f in dataclasses.fields(ServeSettings)}
     deploy_only = {"backend", "model", "ready_timeout_s", "smoke_passages", "nim"}
     assert set(part) - deploy_only <= names

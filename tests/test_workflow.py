@@ -1,5 +1,6 @@
 """The workflow through Snakemake: the tiny pipeline, the DAG, rerun triggers, lint."""
 
+import hashlib
 import json
 import re
 
@@ -17,8 +18,10 @@ def tiny_config(tmp_path, **overrides):
     cfg["corpus"]["dir"] = str(TEST_CORPUS)
     for section, values in overrides.items():
         cfg.setdefault(section, {}).update(values)
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    text = yaml.safe_dump(cfg)
+    # one file per variant: a dry run with changed settings must not rewrite the config of the real run
+    path = tmp_path / f"tiny-{hashlib.sha256(text.encode()).hexdigest()[:8]}.yaml"
+    path.write_text(text)
     return path
 
 
