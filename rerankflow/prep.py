@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .beir import load_corpus, load_qrels, load_queries, passage_text, write_beir
+from .beir import check_qrels, load_corpus, load_qrels, load_queries, passage_text, write_beir
 from .errors import InputError
 from .formatting import Prefixes
 from .io import atomic_path, sha256_text, write_json
@@ -128,12 +128,7 @@ def from_beir(beir_dir, val_ratio: float, seed: int) -> PrepData:
     for split_name in ("train", "test"):
         path = beir_dir / "qrels" / f"{split_name}.tsv"
         qrels = load_qrels(path)
-        for qid, docs in qrels.items():
-            if qid not in queries:
-                raise InputError(f"qrels names query id {qid!r}, which is not in queries.jsonl", path=path)
-            for did in docs:
-                if did not in corpus:
-                    raise InputError(f"qrels names corpus id {did!r} (query {qid!r}), which is not in corpus.jsonl", path=path)
+        check_qrels(qrels, corpus, queries, path)
         splits[split_name] = qrels
     train_qids = sorted(splits["train"])
     random.Random(seed).shuffle(train_qids)
