@@ -12,7 +12,7 @@ from snakemake.utils import min_version, validate
 min_version("9.0")
 sys.path.insert(0, workflow.basedir)  # the rerankflow package, also without pip install -e
 
-from rerankflow.config import check_config
+from rerankflow.config import canonical, check_config
 
 
 configfile: f"{workflow.basedir}/config/config.yaml"
@@ -20,6 +20,11 @@ configfile: f"{workflow.basedir}/config/config.yaml"
 
 check_config(config, f"{workflow.basedir}/config/schema.yaml")  # errors that name the key
 validate(config, "config/schema.yaml", set_default=True)
+# Derived default: the embedding cache lives with the outputs unless placed elsewhere.
+config["retrieval"]["cache_dir"] = config["retrieval"]["cache_dir"] or f"{config['output_dir']}/cache/embeddings"
+# Canonical key order: Snakemake compares params as serialized, so the order in which a user's YAML
+# files list keys must not trigger re-runs.
+config.update(canonical(config))
 
 
 include: "rules/common.smk"

@@ -32,3 +32,12 @@ def check_config(config: dict, schema_path) -> None:
     errors = config_errors(config, schema_path)
     if errors:
         raise ValueError("invalid rerankflow configuration:\n  " + "\n  ".join(errors))
+
+
+def canonical(obj):
+    """The same config with every mapping's keys sorted (recursively); lists keep their order."""
+    if isinstance(obj, dict):
+        return {k: canonical(obj[k]) for k in sorted(obj)}
+    if isinstance(obj, list):
+        return [canonical(v) for v in obj]
+    return obj

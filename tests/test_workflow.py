@@ -92,6 +92,12 @@ def test_stages_2_to_4_outputs(tiny_run):
 def test_nothing_planned_when_nothing_changed(tiny_run):
     wd, cfg = tiny_run
     assert planned_rules(run_snakemake(wd, "-n", configfile=cfg)) == {}
+    # the same settings listed in another key order are the same config
+    data = yaml.safe_load(cfg.read_text())
+    data = {k: (dict(reversed(list(v.items()))) if isinstance(v, dict) else v) for k, v in reversed(list(data.items()))}
+    reordered = wd / "tiny-reordered.yaml"
+    reordered.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert planned_rules(run_snakemake(wd, "-n", configfile=reordered)) == {}
 
 
 def test_changed_eval_param_reruns_eval_only(tiny_run):
