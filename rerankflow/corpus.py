@@ -138,11 +138,16 @@ def load_documents(corpus_dir, file_extensions=(".txt", ".md", ".text"), min_tex
                    max_documents: int = 0) -> list[Document]:
     """Read every file with one of ``file_extensions`` under ``corpus_dir`` (recursively, sorted).
 
+    ``corpus_dir`` may also be a BEIR ``corpus.jsonl`` file (one document per row, see
+    :func:`load_jsonl_documents`), so a labelled benchmark's corpus can feed SDG.
+
     Files shorter than ``min_text_length`` characters are skipped; ``max_documents`` > 0 keeps the
     first N in path order. A missing or empty folder, or a non-UTF-8 file, raises InputError.
     """
     if str(corpus_dir).startswith("hf://"):
         corpus_dir = fetch_hf_corpus(str(corpus_dir))
+    if Path(corpus_dir).is_file() and str(corpus_dir).endswith(".jsonl"):
+        return load_jsonl_documents(corpus_dir, min_text_length, max_documents)
     root = Path(corpus_dir)
     if not root.is_dir():
         raise InputError("corpus folder does not exist; expected a folder of .txt/.md/.text files", path=root, key="corpus.dir")
@@ -167,4 +172,31 @@ def load_documents(corpus_dir, file_extensions=(".txt", ".md", ".text"), min_tex
             f"({skipped} shorter files skipped)", path=root, key="corpus.min_text_length")
     if skipped:
         log.warning("skipped %d documents shorter than %d characters", skipped, min_text_length)
+    return docs
+
+
+def load_jsonl_documents(path, min_text_length: int = 0, max_documents: int = 0) -> list[Document]:
+    """Documents from a BEIR-style ``corpus.jsonl``: one row ``{"_id", "title"?, "text"}`` per document.
+
+    The document text is ``title`` and ``text`` separated by a blank line; ``source_id`` is the row's
+    ``_id``, so SDG questions stay traceable to the corpus entry they came from.
+    """
+    from .io import iter_jsonl_numbered
+
+    docs: list[Document] = []
+    skipped = 0
+    for lineno, row in iter_jsonl_numbered(path):
+        if "_id" not in row or not isinstance(row.get("text"), str):
+            raise InputError("corpus row needs '_id' and a string 'text'", path=path, line=lineno)
+        title = (row.get("title") or "").strip()
+        text = f"{title}\n\n{row['text'].strip()}" if title else row["text"].strip()
+        if len(text) < min_text_length:
+            skipped += 1
+            continue
+        docs.append(Document(source_id=_safe_name(str(row["_id"])), file_name=f"{Path(path).name}#{row['_id']}", text=text))
+        if max_documents and len(docs) >= max_documents:
+            break
+    if not docs:
+        raise InputError(f"no corpus row reaches corpus.min_text_length={min_text_length} characters "
+                         f"({skipped} shorter rows skipped)", path=path, key="corpus.min_text_length")
     return docs

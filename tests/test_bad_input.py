@@ -112,3 +112,17 @@ def test_config_errors_name_the_key(tmp_path, yaml_text, needle):
     proc = run_snakemake(tmp_path, "-n", configfile=cfg, check=False)
     assert proc.returncode != 0
     assert needle in proc.stdout + proc.stderr
+
+
+def test_beir_corpus_jsonl_as_sdg_source(tmp_path):
+    from rerankflow.corpus import load_documents
+
+    p = tmp_path / "corpus.jsonl"
+    p.write_text('{"_id": "d1", "title": "Tides", "text": "The moon raises the tides twice a day on most coasts."}\n'
+                 '{"_id": "d2", "title": "", "text": "short"}\n')
+    docs = load_documents(p, min_text_length=20)
+    assert [(d.source_id, d.file_name) for d in docs] == [("d1", "corpus.jsonl#d1")]
+    assert docs[0].text.startswith("Tides\n\nThe moon")
+    p.write_text('{"_id": "d1", "text": "fine text here"}\n{"title": "no id"}\n')
+    with pytest.raises(InputError, match=r"corpus\.jsonl:2: corpus row needs '_id'"):
+        load_documents(p)
