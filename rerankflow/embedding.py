@@ -60,7 +60,7 @@ def cache_key(model_name: str, prefixes: Prefixes, max_length: int, chash: str, 
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _encode(model, texts: Sequence[str], batch_size: int, desc: str) -> np.ndarray:
+def _encode(model, texts: Sequence[str], batch_size: int) -> np.ndarray:
     emb = model.encode(
         list(texts),
         batch_size=batch_size,
@@ -99,7 +99,7 @@ def embed_corpus(
     if model is None:
         model = load_embedder(model_name, max_length, device)
     log.info("embedding %d passages with %s", len(texts), model_name)
-    emb = _encode(model, [prefixes.passage(t) for t in texts], batch_size, "passages")
+    emb = _encode(model, [prefixes.passage(t) for t in texts], batch_size)
     if npy is None:
         return emb
     with atomic_path(npy) as tmp:
@@ -117,7 +117,7 @@ def embed_queries(texts: Sequence[str], model_name: str, prefixes: Prefixes, max
     """Embed queries (with the query prefix), L2-normalised float32."""
     if model is None:
         model = load_embedder(model_name, max_length, device)
-    return _encode(model, [prefixes.query(t) for t in texts], batch_size, "queries")
+    return _encode(model, [prefixes.query(t) for t in texts], batch_size)
 
 
 def _gpu_resources():

@@ -43,7 +43,7 @@ from .formatting import DEFAULT_PROMPT_TEMPLATE, check_template, format_pair
 log = logging.getLogger(__name__)
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
-EXPORT_INFO = "rerankflow_export.json"  # written beside model.onnx by rerankflow.export
+from .export import EXPORT_INFO  # noqa: E402  (the record rerankflow.export writes beside model.onnx; light import, no torch)
 
 
 @dataclass(frozen=True)
