@@ -22,6 +22,7 @@ check_config(config, f"{workflow.basedir}/config/schema.yaml")  # errors that na
 validate(config, "config/schema.yaml", set_default=True)
 # Derived default: the embedding cache lives with the outputs unless placed elsewhere.
 config["retrieval"]["cache_dir"] = config["retrieval"]["cache_dir"] or f"{config['output_dir']}/cache/embeddings"
+config["eval"]["score_cache_dir"] = config["eval"]["score_cache_dir"] or f"{config['output_dir']}/cache/rerank_scores"
 # Canonical key order: Snakemake compares params as serialized, so the order in which a user's YAML
 # files list keys must not trigger re-runs.
 config.update(canonical(config))

@@ -3,10 +3,15 @@
 :func:`evaluate` is the one entry point (the Snakemake rule's script calls it). Steps:
 
 1. load the eval BEIR folder (``qrels/test.tsv``), with per-query metadata when present;
-2. dense first stage (:mod:`rerankflow.first_stage`) -> ``top_k`` candidates per query, scored as
-   the system ``first_stage``;
-3. rerank the same candidates with the base reranker (``base``), the fine-tuned checkpoint
-   (``finetuned``) and, when ``eval.endpoint`` is set, the served ``/v1/ranking`` (``endpoint``);
+2. dense first stage (:mod:`rerankflow.first_stage`) -> ``max(top_k, first_stage_depth)``
+   candidates per query, scored as the system ``first_stage``;
+3. rerank the first ``top_k`` candidates with the base reranker (``base``), the fine-tuned
+   checkpoint (``finetuned``) and, when ``eval.endpoint`` is set, the served ``/v1/ranking``
+   (``endpoint``). Candidates beyond ``top_k`` keep their first-stage order below the reranked
+   ones (BEIR's rerank protocol), so Recall@100 can be reported while only the top 30 are
+   rescored. Checkpoint scores go through :mod:`rerankflow.score_cache` when
+   ``eval.cache_scores`` is true: a pair already scored by the same weights and settings is
+   never scored again;
 4. metrics with ``pytrec_eval`` (:mod:`rerankflow.metrics`), paired bootstrap CIs and paired
    significance tests for first_stage->base, base->finetuned, finetuned->endpoint (consecutive
    systems that were evaluated), breakdown by ``query_type`` / ``reasoning_type``;
@@ -54,6 +59,7 @@ EVAL_DEFAULTS = {
     "eval_data_path": None,
     "retrieval_model": None,
     "top_k": 100,
+    "first_stage_depth": 0,
     "k_values": [1, 5, 10, 100],
     "batch_size": 32,
     "sort_by_length": True,
@@ -65,6 +71,8 @@ EVAL_DEFAULTS = {
     "base_input_format": "pair",
     "eval_finetuned": True,
     "finetuned_checkpoint": "BEST",
+    "cache_scores": True,
+    "score_cache_dir": None,
     "endpoint": None,
     "endpoint_model": None,
     "endpoint_batch_size": 64,
@@ -103,11 +111,16 @@ def check_eval_config(eval_cfg: dict) -> dict:
         raise EvalConfigError(str(exc), key="eval.k_values") from None
     if not isinstance(cfg["top_k"], int) or cfg["top_k"] < 1:
         raise EvalConfigError(f"must be a positive integer, got {cfg['top_k']!r}", key="eval.top_k")
-    if cfg["top_k"] < max(cfg["k_values"]):
+    depth = cfg["first_stage_depth"]
+    if not isinstance(depth, int) or depth < 0 or (depth and depth < cfg["top_k"]):
+        raise EvalConfigError(f"must be 0 (= top_k) or an integer >= top_k={cfg['top_k']}, got {depth!r}",
+                              key="eval.first_stage_depth")
+    if candidate_depth(cfg) < max(cfg["k_values"]):
         raise EvalConfigError(
-            f"top_k={cfg['top_k']} is smaller than max(k_values)={max(cfg['k_values'])}: metrics at k beyond the "
-            f"candidate depth would be silently capped. Raise eval.top_k or drop the larger k from eval.k_values.",
-            key="eval.top_k")
+            f"the first stage retrieves {candidate_depth(cfg)} passages per query (max(top_k, first_stage_depth)) but "
+            f"max(k_values)={max(cfg['k_values'])}: metrics at k beyond the candidate depth would be silently capped. "
+            f"Raise eval.first_stage_depth (or eval.top_k) or drop the larger k from eval.k_values.",
+            key="eval.k_values")
     if cfg["index"] not in ("flat", "hnsw"):
         raise EvalConfigError(f"must be 'flat' or 'hnsw', got {cfg['index']!r}", key="eval.index")
     if cfg["comparison_metric"] not in metric_names(cfg["k_values"]):
@@ -122,6 +135,33 @@ def check_eval_config(eval_cfg: dict) -> dict:
     if cfg["endpoint_truncate"] not in ("END", "NONE"):
         raise EvalConfigError(f"must be 'END' or 'NONE', got {cfg['endpoint_truncate']!r}", key="eval.endpoint_truncate")
     return cfg
+
+
+def candidate_depth(cfg: dict) -> int:
+    """Passages the first stage retrieves per query: ``max(top_k, first_stage_depth)``."""
+    return max(int(cfg["top_k"]), int(cfg["first_stage_depth"] or 0))
+
+
+def top_candidates(run: dict, k: int) -> dict:
+    """The ``k`` best-scored documents of every query of ``run`` (trec_eval order)."""
+    return {qid: {d: docs[d] for d in rank_documents(docs)[:k]} for qid, docs in run.items()}
+
+
+def with_first_stage_tail(reranked: dict, first_run: dict) -> dict:
+    """``reranked`` followed, per query, by the first-stage documents it lacks, in first-stage order.
+
+    Tail documents get scores strictly below the query's lowest reranked score, so every metric
+    ranks them after the reranked top (BEIR's rerank evaluation keeps them the same way).
+    """
+    out = {}
+    for qid, docs in first_run.items():
+        top = dict(reranked.get(qid, {}))
+        tail = [d for d in rank_documents(docs) if d not in top]
+        floor = (min(top.values()) if top else 0.0) - 1.0
+        for i, d in enumerate(tail):
+            top[d] = floor - float(i)
+        out[qid] = top
+    return out
 
 
 def resolve_checkpoint(path) -> Path | str:
@@ -165,8 +205,10 @@ def parity_check(ft: dict, ep: dict, k_values, tol_small: float = 0.03, tol_larg
     return {"passed": not failed, "failed": failed, "tolerances": {"k<5": tol_small, "k>=5": tol_large}, "checks": checks}
 
 
-def _logit_diff(run_a: dict, run_b: dict) -> dict:
-    diffs = [abs(run_a[q][d] - run_b[q][d]) for q in run_a for d in run_a[q] if d in run_b.get(q, {})]
+def _logit_diff(run_a: dict, run_b: dict, candidates: dict) -> dict:
+    """Logit differences over the rescored ``candidates`` only (the first-stage tail is not a logit)."""
+    diffs = [abs(run_a[q][d] - run_b[q][d]) for q in candidates for d in candidates[q]
+             if d in run_a.get(q, {}) and d in run_b.get(q, {})]
     if not diffs:
         return {"pairs": 0}
     return {"pairs": len(diffs), "max_abs_logit_diff": round(max(diffs), 6), "mean_abs_logit_diff": round(sum(diffs) / len(diffs), 6)}
@@ -299,7 +341,8 @@ def evaluate(eval_data_dir, out_dir, *, eval_cfg: dict, retrieval_cfg: dict, rer
 
     ``eval_cfg``: the ``eval`` config section (defaults filled from :data:`EVAL_DEFAULTS`).
     ``retrieval_cfg``: ``{model, query_prefix, passage_prefix, max_length, batch_size, cache_dir,
-    search_block_size}`` (the section prep uses). ``reranker_cfg``: ``{prompt_template, max_length}``.
+    search_block_size}`` (the section prep uses). ``reranker_cfg``: ``{prompt_template, max_length, input_format}``
+    (the fine-tuned model is scored in ``input_format``, the base in ``eval.base_input_format``).
     ``base_model`` / ``finetuned_checkpoint``: checkpoint dirs (required when ``eval_base`` /
     ``eval_finetuned``). Raises :class:`EndpointParityError` / ``EndpointError`` *after* writing.
     """
@@ -307,6 +350,9 @@ def evaluate(eval_data_dir, out_dir, *, eval_cfg: dict, retrieval_cfg: dict, rer
     cfg = check_eval_config(dict(eval_cfg or {}))
     reranker_cfg = dict(reranker_cfg or {})
     template = check_template(reranker_cfg.get("prompt_template", DEFAULT_PROMPT_TEMPLATE))
+    finetuned_format = reranker_cfg.get("input_format", "template")
+    if finetuned_format not in ("template", "pair"):
+        raise EvalConfigError(f"must be 'template' or 'pair', got {finetuned_format!r}", key="reranker.input_format")
     max_length = int(reranker_cfg.get("max_length", 512))
     k_values = cfg["k_values"]
     seed = int(cfg["seed"] if cfg["seed"] is not None else seed)
@@ -347,37 +393,58 @@ def evaluate(eval_data_dir, out_dir, *, eval_cfg: dict, retrieval_cfg: dict, rer
     r_max_len = int(retrieval_cfg.get("max_length", 256))
     t0 = time.perf_counter()
     first_run, fs_info = dense_retrieve(
-        corpus, eval_queries, retrieval_model, prefixes, r_max_len, cfg["top_k"],
+        corpus, eval_queries, retrieval_model, prefixes, r_max_len, candidate_depth(cfg),
         batch_size=int(retrieval_cfg.get("batch_size", 64)), cache_dir=retrieval_cfg.get("cache_dir"), device=device,
         index=cfg["index"], block_size=int(retrieval_cfg.get("search_block_size", 4096)),
         hnsw_m=cfg["hnsw_m"], hnsw_ef_search=cfg["hnsw_ef_search"])
     fs_info["total_s"] = round(time.perf_counter() - t0, 3)
     runs = {"first_stage": first_run}
     timings = {"first_stage": fs_info}
-    n_pairs = sum(len(d) for d in first_run.values())
+    candidates = top_candidates(first_run, cfg["top_k"])  # what the rerankers rescore
+    n_pairs = sum(len(d) for d in candidates.values())
 
     # 3. rerankers
-    from .reranking import CrossEncoderScorer, EndpointError, EndpointRanker, rerank_run
+    from .reranking import CrossEncoderScorer, EndpointError, EndpointRanker, candidate_pairs
+    from .score_cache import ScoreCache, cached_score, scorer_identity
 
     models = {"retrieval_model": retrieval_model, "retrieval_model_path": resolve_model_path(retrieval_model)}
+    input_formats = {"base": cfg["base_input_format"], "finetuned": finetuned_format}
     checkpoint_info = None
+    keys, pairs = candidate_pairs(candidates, eval_queries, corpus)
     for system, enabled, path in (("base", cfg["eval_base"], base_model), ("finetuned", cfg["eval_finetuned"], finetuned_checkpoint)):
         if not enabled:
             continue
         ckpt = checkpoints[system]
+        fmt = input_formats[system]
+        cache = None
+        if cfg["cache_scores"] and cfg["score_cache_dir"]:
+            ident = scorer_identity(ckpt, input_format=fmt, template=template, max_length=max_length, bf16=cfg["bf16"])
+            cache = ScoreCache(cfg["score_cache_dir"], ident, {"checkpoint": str(ckpt), "input_format": fmt,
+                                                               "max_length": max_length, "bf16": bool(cfg["bf16"])})
         t0 = time.perf_counter()
-        scorer = CrossEncoderScorer(ckpt, max_length=max_length, template=template, device=device, bf16=cfg["bf16"],
-                                    batch_size=cfg["batch_size"],
-                                    input_format=cfg["base_input_format"] if system == "base" else "template")
-        t1 = time.perf_counter()
-        runs[system] = rerank_run(first_run, eval_queries, corpus, scorer, sort_by_length=cfg["sort_by_length"], desc=system)
+        loaded = {}
+
+        def make_scorer(ckpt=ckpt, fmt=fmt, loaded=loaded):
+            t = time.perf_counter()
+            loaded["scorer"] = CrossEncoderScorer(ckpt, max_length=max_length, template=template, device=device,
+                                                  bf16=cfg["bf16"], batch_size=cfg["batch_size"], input_format=fmt)
+            loaded["load_s"] = time.perf_counter() - t
+            return loaded["scorer"]
+
+        scores, cache_info = cached_score(pairs, cache, make_scorer, sort_by_length=cfg["sort_by_length"], desc=system)
         t2 = time.perf_counter()
-        timings[system] = {"load_s": round(t1 - t0, 3), "score_s": round(t2 - t1, 3), "pairs": n_pairs,
-                           "pairs_per_s": round(n_pairs / max(t2 - t1, 1e-9), 2)}
+        reranked: dict[str, dict[str, float]] = {qid: {} for qid in candidates}
+        for (qid, did), sc in zip(keys, scores):
+            reranked[qid][did] = float(sc)
+        runs[system] = with_first_stage_tail(reranked, first_run)
+        score_s = t2 - t0 - loaded.get("load_s", 0.0)
+        timings[system] = {"load_s": round(loaded.get("load_s", 0.0), 3), "score_s": round(score_s, 3), "pairs": n_pairs,
+                           **cache_info,
+                           "pairs_per_s": round(cache_info["scored_pairs"] / max(score_s, 1e-9), 2) if cache_info["scored_pairs"] else None}
         models[system] = str(path)
         if system == "finetuned":
             checkpoint_info = {"requested": cfg["finetuned_checkpoint"], "path": str(path), "resolved": os.path.realpath(ckpt) if isinstance(ckpt, Path) else ckpt}
-        del scorer
+        loaded.clear()
         gc.collect()
 
     errors: dict[str, str] = {}
@@ -389,7 +456,7 @@ def evaluate(eval_data_dir, out_dir, *, eval_cfg: dict, retrieval_cfg: dict, rer
             with EndpointRanker(cfg["endpoint"], model_name, batch_size=cfg["endpoint_batch_size"],
                                 concurrency=cfg["endpoint_concurrency"], timeout=cfg["endpoint_timeout"],
                                 truncate=cfg["endpoint_truncate"], retries=int(cfg["endpoint_retries"]), api_key_env=cfg["endpoint_api_key_env"]) as ranker:
-                runs["endpoint"] = ranker.rerank_run(first_run, eval_queries, corpus)
+                runs["endpoint"] = with_first_stage_tail(ranker.rerank_run(candidates, eval_queries, corpus), first_run)
             t2 = time.perf_counter()
             timings["endpoint"] = {"score_s": round(t2 - t1, 3), "pairs": n_pairs, "pairs_per_s": round(n_pairs / max(t2 - t1, 1e-9), 2)}
         except EndpointError as exc:
@@ -414,7 +481,7 @@ def evaluate(eval_data_dir, out_dir, *, eval_cfg: dict, retrieval_cfg: dict, rer
     if "endpoint" in results and "finetuned" in results:
         parity = parity_check(results["finetuned"], results["endpoint"], k_values,
                               float(cfg["parity_tolerance_k_below_5"]), float(cfg["parity_tolerance_k_from_5"]))
-        parity.update(_logit_diff(runs["finetuned"], runs["endpoint"]))
+        parity.update(_logit_diff(runs["finetuned"], runs["endpoint"], candidates))
         results["endpoint_parity"] = parity
     elif "endpoint" in results:
         results["endpoint_parity"] = {"passed": None, "note": "eval_finetuned is false: nothing to compare the endpoint with"}
@@ -426,6 +493,11 @@ def evaluate(eval_data_dir, out_dir, *, eval_cfg: dict, retrieval_cfg: dict, rer
         "models": models,
         "checkpoint": checkpoint_info,
         "top_k": cfg["top_k"],
+        "first_stage_depth": candidate_depth(cfg),
+        "rerank_note": (f"rerankers rescore the first stage's top {cfg['top_k']}; ranks {cfg['top_k'] + 1}-"
+                        f"{candidate_depth(cfg)} keep first-stage order below them, so a reranked system's "
+                        f"Recall@k for k >= {cfg['top_k']} equals the first stage's")
+                       if candidate_depth(cfg) > cfg["top_k"] else None,
         "k_values": k_values,
         "candidate_pairs": n_pairs,
         "comparison_metric": cfg["comparison_metric"],
@@ -435,7 +507,7 @@ def evaluate(eval_data_dir, out_dir, *, eval_cfg: dict, retrieval_cfg: dict, rer
         "mrr_note": "MRR@k is computed from the run (trec_eval's recip_rank has no cutoff), ranking ties like trec_eval",
         "prefixes": {"query_prefix": prefixes.query_prefix, "passage_prefix": prefixes.passage_prefix},
         "prompt_template": template,
-        "input_formats": {"base": cfg["base_input_format"], "finetuned": "template"},
+        "input_formats": input_formats,
         "reranker_max_length": max_length,
         "device": device,
         "timings": {**timings, "total_s": round(time.perf_counter() - t_start, 3)},

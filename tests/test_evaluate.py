@@ -136,10 +136,73 @@ def test_rerank_scores_are_raw_logits_of_the_checkpoint(result, setup):
 
 
 def test_top_k_below_max_k_is_a_config_error(setup, tmp_path):
-    with pytest.raises(EvalConfigError, match=r"eval.top_k.*top_k=5 is smaller than max\(k_values\)=10"):
+    with pytest.raises(EvalConfigError, match=r"eval.k_values.*retrieves 5 passages .* max\(k_values\)=10"):
         evaluate(setup["data"], tmp_path, eval_cfg={**EVAL_CFG, "top_k": 5}, retrieval_cfg=setup["retrieval"],
                  reranker_cfg=RERANKER_CFG, base_model=setup["base"], finetuned_checkpoint=setup["finetuned"], device="cpu")
+    with pytest.raises(EvalConfigError, match=r"eval.first_stage_depth.*>= top_k=10, got 7"):
+        evaluate(setup["data"], tmp_path, eval_cfg={**EVAL_CFG, "first_stage_depth": 7}, retrieval_cfg=setup["retrieval"],
+                 reranker_cfg=RERANKER_CFG, base_model=setup["base"], finetuned_checkpoint=setup["finetuned"], device="cpu")
     assert not (tmp_path / "eval_results.json").exists()
+
+
+def _trec(path) -> dict[str, list[tuple[str, float]]]:
+    out: dict[str, list[tuple[str, float]]] = {}
+    for line in Path(path).read_text().splitlines():
+        qid, _, did, _, score, _ = line.split()
+        out.setdefault(qid, []).append((did, float(score)))
+    return out
+
+
+def test_first_stage_depth_keeps_the_tail_in_first_stage_order(setup, tmp_path):
+    """Rerank the top 4 of 10: ranks 5-10 are the first stage's, in its order; Recall@10 is the first stage's."""
+    cfg = {**EVAL_CFG, "top_k": 4, "first_stage_depth": 10, "eval_finetuned": False}
+    res = evaluate(setup["data"], tmp_path, eval_cfg=cfg, retrieval_cfg=setup["retrieval"], reranker_cfg=RERANKER_CFG,
+                   base_model=setup["base"], device="cpu", seed=0)
+    first, base = _trec(tmp_path / "runs" / "first_stage.trec"), _trec(tmp_path / "runs" / "base.trec")
+    reordered = 0
+    for qid, ranked in first.items():
+        b = base[qid]
+        assert len(ranked) == len(b) == 10
+        assert {d for d, _ in b[:4]} == {d for d, _ in ranked[:4]}  # only the top 4 were rescored
+        assert [d for d, _ in b[4:]] == [d for d, _ in ranked[4:]]  # the tail keeps first-stage order
+        assert max(s for _, s in b[4:]) < min(s for _, s in b[:4])
+        reordered += [d for d, _ in b[:4]] != [d for d, _ in ranked[:4]]
+    assert reordered > 0  # the random tiny base really reorders its top 4
+    assert res["base"]["Recall"]["Recall@10"] == res["first_stage"]["Recall"]["Recall@10"]
+    assert res["meta"]["top_k"] == 4 and res["meta"]["first_stage_depth"] == 10
+    assert res["meta"]["timings"]["base"]["pairs"] == 32 and "Recall@k for k >= 4" in res["meta"]["rerank_note"]
+
+
+def test_score_cache_scores_each_pair_once_per_model_and_settings(setup, tmp_path):
+    cache_dir = tmp_path / "scores"
+    cfg = {**EVAL_CFG, "top_k": 10, "score_cache_dir": str(cache_dir)}
+    args = dict(retrieval_cfg=setup["retrieval"], base_model=setup["base"], device="cpu", seed=0)
+    first = evaluate(setup["data"], tmp_path / "a", eval_cfg=cfg, reranker_cfg=RERANKER_CFG,
+                     finetuned_checkpoint=setup["finetuned"], **args)
+    t = first["meta"]["timings"]
+    assert (t["base"]["scored_pairs"], t["base"]["cached_pairs"]) == (80, 0)
+    assert len(list(cache_dir.glob("*.json"))) == 2  # one file per (model, settings)
+
+    # same models and settings: nothing is scored, results identical to the last digit
+    again = evaluate(setup["data"], tmp_path / "b", eval_cfg=cfg, reranker_cfg=RERANKER_CFG,
+                     finetuned_checkpoint=setup["finetuned"], **args)
+    t = again["meta"]["timings"]
+    assert t["base"]["scored_pairs"] == t["finetuned"]["scored_pairs"] == 0 and t["finetuned"]["cached_pairs"] == 80
+    assert t["base"]["load_s"] == 0  # the model was not even loaded
+    assert (tmp_path / "b" / "runs" / "finetuned.trec").read_text() == (tmp_path / "a" / "runs" / "finetuned.trec").read_text()
+
+    # other weights, or another input format: scored again, the base still comes from the cache
+    other = tmp_path / "other_ckpt"
+    tiny_bert(other, seed=7)
+    third = evaluate(setup["data"], tmp_path / "c", eval_cfg=cfg, reranker_cfg={**RERANKER_CFG, "input_format": "pair"},
+                     finetuned_checkpoint=setup["finetuned"], **args)
+    assert third["meta"]["timings"]["finetuned"]["scored_pairs"] == 80
+    assert third["meta"]["input_formats"] == {"base": "pair", "finetuned": "pair"}
+    fourth = evaluate(setup["data"], tmp_path / "d", eval_cfg=cfg, reranker_cfg=RERANKER_CFG, finetuned_checkpoint=other, **args)
+    t = fourth["meta"]["timings"]
+    assert t["finetuned"]["scored_pairs"] == 80 and t["base"]["scored_pairs"] == 0
+    assert fourth["finetuned"]["NDCG"]["NDCG@10"] != first["finetuned"]["NDCG"]["NDCG@10"] or \
+        _trec(tmp_path / "d" / "runs" / "finetuned.trec") != _trec(tmp_path / "a" / "runs" / "finetuned.trec")
 
 
 class _RankingServer:
