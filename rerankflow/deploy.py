@@ -279,7 +279,8 @@ def deploy_builtin(
         raise InputError(f"port {port} on {host} is already in use; free it or set deploy.port (0 picks a free port)", key="deploy.port")
 
     settings = ServeSettings.from_config(deploy_cfg, reranker_cfg, model_file, port=port, tokenizer=str(tokenizer_file)).validate()
-    settings.max_length, settings.prompt_template = resolve_text_settings(model_file, settings.max_length, settings.prompt_template)
+    settings.max_length, settings.prompt_template, settings.input_format = resolve_text_settings(
+        model_file, settings.max_length, settings.prompt_template, settings.input_format)
     _read_token(settings)  # fail here, not in the detached child, when the token variable is empty
     headers = _auth_headers(deploy_cfg)
     settings_file = endpoint_file.parent / "server_settings.json"
@@ -318,7 +319,8 @@ def deploy_builtin(
         smoke_result = run_smoke(url, smoke, headers)
         direct = OnnxScorer(
             model_file, tokenizer=tokenizer_file, max_length=settings.max_length,
-            prompt_template=settings.prompt_template, device=settings.device, batch_size=settings.max_batch_size,
+            prompt_template=settings.prompt_template, input_format=settings.input_format, device=settings.device,
+            batch_size=settings.max_batch_size,
             max_padding=settings.max_padding,
         ).score(smoke["query"], smoke["passages"])
         diff = max(abs(a - float(b)) for a, b in zip(smoke_result["logits"], direct))
@@ -360,6 +362,7 @@ def deploy_builtin(
         "tokenizer_path": str(tokenizer_file),
         "max_length": settings.max_length,
         "prompt_template": settings.prompt_template,
+        "input_format": settings.input_format,
         "dynamic_batching": settings.dynamic_batching,
         "auth": bool(settings.auth_token_env),
         "auth_token_env": settings.auth_token_env,
@@ -509,7 +512,8 @@ def deploy_nim(
         raise InputError(f"the NIM backend needs an NGC API key in environment variable {key_env}", key="deploy.nim.api_key_env")
     model_file = find_model_file(model).absolute()
     export_dir = model_file.parent
-    resolve_text_settings(model_file, reranker_cfg.get("max_length"), reranker_cfg.get("prompt_template"))
+    _ml, _tpl, input_format = resolve_text_settings(model_file, reranker_cfg.get("max_length"), reranker_cfg.get("prompt_template"),
+                                                    reranker_cfg.get("input_format"))
     smoke = build_smoke_request(eval_dir, int(deploy_cfg.get("smoke_passages", 8)))
     if client is None:
         import docker
@@ -556,6 +560,7 @@ def deploy_nim(
         "export_dir": str(export_dir),
         "max_length": int(reranker_cfg.get("max_length", 512)),
         "prompt_template": reranker_cfg.get("prompt_template"),
+        "input_format": input_format,
         "started_at": _now(),
         "ready_after_s": round(ready_s, 2),
         "health": "ready",

@@ -10,9 +10,11 @@ What :func:`run_export` produces under the stage folder (``OUT/stage4_export``):
   ``logits`` ``[batch, 1]``. Models whose weights exceed ``external_data_threshold_mb`` are saved
   with their tensors in ``model.onnx.data`` (protobuf cannot hold more than 2 GB).
   ``onnx/tokenizer/`` holds the tokenizer, ``onnx/rerankflow_export.json`` what a server needs
-  (prompt template, max length, inputs, dtype).
+  (input format, prompt template, max length, inputs, dtype).
 * ``parity.json`` — ONNX Runtime against PyTorch on real (query, passage) pairs of the eval data
-  formatted with the reranker prompt template: max/mean absolute logit difference, Spearman
+  tokenized in ``reranker.input_format`` (:func:`rerankflow.formatting.tokenize_pairs`: the prompt
+  template as one text, or a sentence pair whose ``token_type_ids`` are 0/1 — fed to the graph,
+  which then has that input): max/mean absolute logit difference, Spearman
   correlation (pooled and per query), top-10 agreement per query, the execution provider used,
   and throughput of both. :class:`ParityError` is raised (after the report is written) when the
   max difference exceeds the tolerance.
@@ -40,7 +42,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import InputError
-from .formatting import DEFAULT_PROMPT_TEMPLATE, check_template, format_pair
+from .formatting import DEFAULT_INPUT_FORMAT, DEFAULT_PROMPT_TEMPLATE, check_input_format, check_template, tokenize_pairs
 from .io import atomic_path, write_json
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,26 @@ def checkpoint_model_dir(path) -> Path:
             return cand
     raise InputError("no Hugging Face checkpoint here (expected config.json, or model/consolidated/config.json)",
                      path=path, key="export.checkpoint")
+
+
+def check_checkpoint_input_format(model_dir, input_format: str) -> None:
+    """Raise when the checkpoint's stage-2 record (``rerankflow.json``) says it was trained in another
+    input format than ``input_format`` (a record without the key means ``template``).
+
+    Parity cannot catch this (both sides would read the same wrong input), so it is checked here.
+    Checkpoints without a record (a base model) are not checked.
+    """
+    record = Path(model_dir) / "rerankflow.json"
+    if not record.is_file():
+        return
+    try:
+        trained = json.loads(record.read_text(encoding="utf-8")).get("input_format") or DEFAULT_INPUT_FORMAT
+    except (OSError, ValueError, AttributeError) as exc:
+        raise InputError(f"unreadable checkpoint record: {exc}", path=record) from None
+    if trained != input_format:
+        raise InputError(f"the checkpoint was fine-tuned with input_format {trained!r}, but reranker.input_format is "
+                         f"{input_format!r}; export (and serve) it in the format it was trained in",
+                         path=record, key="reranker.input_format")
 
 
 def uses_token_type_ids(tokenizer) -> bool:
@@ -136,10 +158,13 @@ def export_onnx(
     dtype: str = "fp32",
     max_length: int = 512,
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+    input_format: str = DEFAULT_INPUT_FORMAT,
     external_data_threshold_mb: float = 1900,
 ) -> Path:
     """Export ``checkpoint`` to ``out_dir/model.onnx`` (+ ``tokenizer/``, ``rerankflow_export.json``).
 
+    ``input_format``/``prompt_template`` are how the checkpoint reads a pair (as trained); the trace
+    sample is tokenized that way and the record holds both, so every consumer scores the same way.
     The folder appears atomically. ``dtype="fp16"`` converts the exported fp32 graph to fp16
     with LayerNormalization kept in fp32 and fp32 ``logits`` (int64 inputs are unchanged).
     """
@@ -150,15 +175,16 @@ def export_onnx(
         raise InputError(f"dtype must be fp32 or fp16, got {dtype!r}", key="export.dtype")
     if int(opset) < 14:
         raise InputError(f"opset {opset} is too old for BERT attention export; use >= 14 (default 17)", key="export.opset")
+    check_input_format(input_format)
     checkpoint = Path(checkpoint)
     out_dir = Path(out_dir)
     model, tokenizer = load_torch_reranker(checkpoint, "cpu", "fp32")
     input_names = [n for n in MODEL_INPUTS if n != "token_type_ids" or uses_token_type_ids(tokenizer)]
     # two pairs of different lengths, so padding and the attention mask take part in the trace
-    sample = tokenizer(
-        [format_pair("what is exported", "a short passage", prompt_template),
-         format_pair("a second, longer question about the export", "a longer passage with more tokens in it than the first one", prompt_template)],
-        padding=True, truncation=True, max_length=max_length, return_tensors="pt",
+    sample = tokenize_pairs(
+        tokenizer, ["what is exported", "a second, longer question about the export"],
+        ["a short passage", "a longer passage with more tokens in it than the first one"],
+        input_format=input_format, template=prompt_template, max_length=max_length, padding=True, return_tensors="pt",
     )
     args = tuple(sample[n].to(torch.int64) for n in input_names)
     wrapper = _LogitsOnly.wrap(model, input_names)
@@ -187,6 +213,7 @@ def export_onnx(
             proto = convert_float_to_float16(proto, keep_io_types=True, op_block_list=["LayerNormalization"])
             _topological_sort(proto.graph)  # the converter appends its Cast nodes out of order
         meta = {
+            "input_format": input_format,
             "prompt_template": prompt_template,
             "max_length": str(int(max_length)),
             "dtype": dtype,
@@ -213,6 +240,7 @@ def export_onnx(
             "logits_shape": ["batch", 1],
             "opset": int(opset),
             "dtype": dtype,
+            "input_format": input_format,
             "prompt_template": prompt_template,
             "max_length": int(max_length),
             "uses_token_type_ids": "token_type_ids" in input_names,
@@ -390,11 +418,15 @@ def _dense_candidates(qids, queries, corpus, doc_ids, top_k, retrieval: dict, de
 
 
 # ------------------------------------------------------------------------------------- scoring
-def encode_batches(tokenizer, texts: Sequence[str], input_names: Sequence[str], max_length: int, batch_size: int):
-    """Tokenize once into int64 numpy batches (each padded to its longest member)."""
+def encode_batches(tokenizer, pairs: Sequence[tuple[str, str]], input_names: Sequence[str], max_length: int, batch_size: int,
+                   *, input_format: str = DEFAULT_INPUT_FORMAT, template: str = DEFAULT_PROMPT_TEMPLATE):
+    """Tokenize (query, passage) pairs once, in ``input_format``, into int64 numpy batches of ``input_names``
+    (each padded to its longest member); ``pair`` format gives ``token_type_ids`` 0 (query) / 1 (passage)."""
     batches = []
-    for i in range(0, len(texts), batch_size):
-        enc = tokenizer(list(texts[i:i + batch_size]), padding=True, truncation=True, max_length=max_length, return_tensors="np")
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        enc = tokenize_pairs(tokenizer, [q for q, _p in chunk], [p for _q, p in chunk], input_format=input_format,
+                             template=template, max_length=max_length, padding=True, return_tensors="np")
         batches.append({n: enc[n].astype(np.int64) for n in input_names})
     return batches
 
@@ -568,6 +600,8 @@ def run_export(
     """The whole ONNX stage: export, parity report, optional INT8 model with its measured cost.
 
     Writes ``out_dir/onnx/``, ``out_dir/parity.json`` and (``quantize: int8``) ``out_dir/onnx_int8/``.
+    ``reranker_cfg`` (``input_format``, ``prompt_template``, ``max_length``) is how pairs are tokenized;
+    a stage-2 checkpoint trained in another input format is refused (:func:`check_checkpoint_input_format`).
     Returns the parity report; raises :class:`ParityError` after writing it when parity fails.
     ``device`` is where the first-stage embedder runs for ``candidates: dense``; PyTorch parity
     runs on the device of the ONNX Runtime provider chosen by ``export.execution_provider``.
@@ -579,24 +613,29 @@ def run_export(
     cfg = {**DEFAULTS, **(export_cfg or {})}
     if cfg["quantize"] not in ("none", "int8", None):
         raise InputError(f"quantize must be none or int8, got {cfg['quantize']!r}", key="export.quantize")
-    rr = {"prompt_template": DEFAULT_PROMPT_TEMPLATE, "max_length": 512, **(reranker_cfg or {})}
+    rr = {"prompt_template": DEFAULT_PROMPT_TEMPLATE, "input_format": DEFAULT_INPUT_FORMAT, "max_length": 512,
+          **(reranker_cfg or {})}
     template = check_template(rr["prompt_template"])
+    input_format = check_input_format(rr["input_format"])
     max_length = int(rr["max_length"])
     out_dir = Path(out_dir)
     if threads:
         torch.set_num_threads(int(threads))
     t_start = time.perf_counter()
 
+    check_checkpoint_input_format(checkpoint_model_dir(checkpoint), input_format)
     providers = choose_providers(cfg["execution_provider"])
     onnx_path = export_onnx(checkpoint, out_dir / "onnx", opset=cfg["opset"], dtype=cfg["dtype"], max_length=max_length,
-                            prompt_template=template, external_data_threshold_mb=cfg["external_data_threshold_mb"])
+                            prompt_template=template, input_format=input_format,
+                            external_data_threshold_mb=cfg["external_data_threshold_mb"])
     int8_path = quantize_int8(onnx_path, out_dir / "onnx_int8") if cfg["quantize"] == "int8" else None
     groups = load_eval_groups(eval_dir, n_pairs=cfg["parity_pairs"], passages_per_query=cfg["passages_per_query"],
                               candidates=cfg["candidates"], retrieval=retrieval_cfg, seed=seed,
                               device=pick_device(device))
-    texts = [format_pair(g.query, p, template) for g in groups for p in g.passages]
-    report = measure(checkpoint, onnx_path, groups, texts, providers=providers, max_length=max_length,
-                     batch_size=int(cfg["batch_size"]), threads=threads, int8_path=int8_path)
+    pairs = [(g.query, p) for g in groups for p in g.passages]
+    report = measure(checkpoint, onnx_path, groups, pairs, providers=providers, max_length=max_length,
+                     batch_size=int(cfg["batch_size"]), threads=threads, int8_path=int8_path,
+                     input_format=input_format, template=template)
     tolerance = float(cfg["parity_tolerance"] if cfg["dtype"] == "fp32" else cfg["parity_tolerance_fp16"])
     report.update({
         "tolerance": tolerance,
@@ -605,6 +644,7 @@ def run_export(
         "onnx": str(onnx_path),
         "eval_data": str(Path(eval_dir).resolve()),
         "candidates": cfg["candidates"],
+        "input_format": input_format,
         "prompt_template": template,
         "max_length": max_length,
         "config": cfg,
@@ -628,9 +668,11 @@ def run_export(
     return report
 
 
-def measure(checkpoint, onnx_path, groups, texts, *, providers=("CPUExecutionProvider",), max_length=512, batch_size=16,
-            threads=None, int8_path=None, tokenizer_dir=None) -> dict:
-    """Score ``texts`` with the PyTorch checkpoint, the ONNX file (and the INT8 file) and compare.
+def measure(checkpoint, onnx_path, groups, pairs, *, providers=("CPUExecutionProvider",), max_length=512, batch_size=16,
+            threads=None, int8_path=None, tokenizer_dir=None, input_format=DEFAULT_INPUT_FORMAT,
+            template=DEFAULT_PROMPT_TEMPLATE) -> dict:
+    """Score (query, passage) ``pairs`` (aligned with ``groups``' passages) tokenized in ``input_format``
+    with the PyTorch checkpoint, the ONNX file (and the INT8 file) and compare.
 
     The ONNX side is tokenized with the tokenizer saved beside the ONNX file (``tokenizer/``), so a
     wrong exported tokenizer shows up as a parity failure. PyTorch runs on CUDA when the ONNX
@@ -647,21 +689,26 @@ def measure(checkpoint, onnx_path, groups, texts, *, providers=("CPUExecutionPro
     session = make_session(onnx_path, providers, threads)
     onnx_inputs = [i.name for i in session.get_inputs()]
     torch_inputs = [n for n in MODEL_INPUTS if n != "token_type_ids" or uses_token_type_ids(ckpt_tok)]
-    t_batches = encode_batches(ckpt_tok, texts, torch_inputs, max_length, batch_size)
-    o_batches = encode_batches(onnx_tok, texts, [n for n in MODEL_INPUTS if n in onnx_inputs], max_length, batch_size)
+    fmt = {"input_format": input_format, "template": template}
+    t_batches = encode_batches(ckpt_tok, pairs, torch_inputs, max_length, batch_size, **fmt)
+    o_batches = encode_batches(onnx_tok, pairs, [n for n in MODEL_INPUTS if n in onnx_inputs], max_length, batch_size, **fmt)
     backends = {"pytorch": (torch_runner(model, torch_device), t_batches), "onnx": (ort_runner(session), o_batches)}
     int8_on_cpu = None
     if int8_path is not None:
         int8_on_cpu = providers[0] == "CPUExecutionProvider"
         backends["onnx_int8"] = (ort_runner(make_session(int8_path, ["CPUExecutionProvider"], threads)), o_batches)
     scores, secs = score_interleaved(backends)
-    n = len(texts)
+    n = len(pairs)
     report = compare_scores(scores["pytorch"], scores["onnx"], groups)
     report.update({
         "execution_provider": session.get_providers()[0],
         "providers": session.get_providers(),
         "torch_device": torch_device,
         "onnx_inputs": onnx_inputs,
+        "input_format": input_format,
+        # the segment ids the graph was fed: [0, 1] for sentence pairs, [0] for one text
+        "onnx_token_type_ids": (sorted({int(v) for b in o_batches for v in np.unique(b["token_type_ids"])})
+                                if "token_type_ids" in onnx_inputs else None),
         "batch_size": batch_size,
         "threads": threads,
         "pytorch_pairs_per_s": round(n / secs["pytorch"], 2) if secs["pytorch"] else None,

@@ -46,7 +46,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .formatting import DEFAULT_PROMPT_TEMPLATE, check_template, format_pair
+from .formatting import (DEFAULT_INPUT_FORMAT, DEFAULT_PROMPT_TEMPLATE, check_input_format, check_template,
+                         tokenize_pairs)
 from .io import atomic_path, sha256_file, write_json, write_jsonl, write_text
 
 log = logging.getLogger("rerankflow.finetune")
@@ -138,12 +139,25 @@ def _model_fingerprint(path: str) -> dict:
     return fp
 
 
+def spec_input_format(spec: dict) -> str:
+    """The ``reranker.input_format`` of a run spec; specs written before the setting existed mean ``template``."""
+    return spec.get("input_format") or DEFAULT_INPUT_FORMAT
+
+
 def run_hash(spec: dict) -> str:
-    """sha256 over everything that determines the trained weights: config, model, prompt, data."""
+    """sha256 over everything that determines the trained weights: config, model, prompt, input format, data.
+
+    The input format enters the hash only when it is not ``template``, so checkpoints written before
+    ``reranker.input_format`` existed (all template) still resume, and a template run never resumes a
+    pair-format checkpoint or the other way round.
+    """
     cfg = {k: v for k, v in spec["finetune"].items() if k not in _BOOKKEEPING}
+    reranker = {"prompt_template": spec["prompt_template"], "max_length": int(spec["max_length"])}
+    if spec_input_format(spec) != DEFAULT_INPUT_FORMAT:
+        reranker["input_format"] = spec_input_format(spec)
     payload = {
         "finetune": cfg,
-        "reranker": {"prompt_template": spec["prompt_template"], "max_length": int(spec["max_length"])},
+        "reranker": reranker,
         "seed": int(spec["seed"]),
         "model": _model_fingerprint(spec["base_model"]),
         "train": sha256_file(spec["train_path"]),
@@ -258,18 +272,28 @@ def model_card(spec: dict, state: dict, metrics: dict | None) -> str:
         f"- step {state['step']} of {state['total_steps']} (epoch {state['epoch']}), loss `{ft['loss']}`, "
         f"{ft['train_n_passages']} passages per query, global batch {state['global_batch_size']} queries, "
         f"lr {ft['learning_rate']}, seed {spec['seed']}",
-        f"- prompt template: `{spec['prompt_template']!r}`, max_length {spec['max_length']}",
+        f"- input format: `{spec_input_format(spec)}`"
+        + (f", prompt template `{spec['prompt_template']!r}`" if spec_input_format(spec) == "template" else "")
+        + f", max_length {spec['max_length']}",
         f"- run hash: `{state['hash'][:16]}`",
     ]
     if metrics:
         lines.append(f"- validation at this step: MRR {metrics['val_mrr']:.4f}, nDCG@10 {metrics['val_ndcg@10']:.4f}")
-    lines += [
-        "",
-        "Load with `AutoModelForSequenceClassification.from_pretrained(path)` or "
-        "`sentence_transformers.CrossEncoder(path)`; score `format_pair(query, passage, template)` as one text.",
-        "",
-    ]
+    lines += ["", how_to_score(spec_input_format(spec)), ""]
     return "\n".join(lines)
+
+
+def how_to_score(input_format: str) -> str:
+    """The model card's sentence on feeding the checkpoint the input it was trained on."""
+    load = ("Load with `AutoModelForSequenceClassification.from_pretrained(path)` or "
+            "`sentence_transformers.CrossEncoder(path)`; ")
+    if check_input_format(input_format) == "pair":
+        return (load + "it was trained on (query, passage) sentence pairs (`[CLS] query [SEP] passage [SEP]`), "
+                "sentence-transformers' native format: score with `CrossEncoder(path).predict([(query, passage)])` "
+                "or `tokenizer(query, passage)`.")
+    return (load + "it was trained on ONE text per pair: score `format_pair(query, passage, template)` "
+            "(rerankflow.formatting, with the prompt template above) as one text, "
+            "`model(**tokenizer([format_pair(query, passage, template)], truncation=True))` — not as a sentence pair.")
 
 
 # ------------------------------------------------------------------------------------ the launcher
@@ -296,6 +320,7 @@ def make_spec(train_path, val_path, base_model: str, out_dir, finetune: dict | N
     ft = merged_config(finetune)
     reranker = reranker or {}
     template = check_template(reranker.get("prompt_template", DEFAULT_PROMPT_TEMPLATE))
+    input_format = check_input_format(reranker.get("input_format", DEFAULT_INPUT_FORMAT))
     dev = pick_device(device)
     if dev == "cuda":
         import torch
@@ -310,6 +335,7 @@ def make_spec(train_path, val_path, base_model: str, out_dir, finetune: dict | N
         "out_dir": str(out_dir),
         "finetune": ft,
         "prompt_template": template,
+        "input_format": input_format,
         "max_length": int(reranker.get("max_length", 512)),
         "seed": int(seed),
         "device": dev,
@@ -321,7 +347,8 @@ def run_finetune(train_path, val_path, base_model: str, out_dir, finetune: dict 
                  reranker: dict | None = None, seed: int = 42, device: str = "auto", threads: int = 0) -> dict:
     """Train (resuming when a matching checkpoint exists) and return the summary of the run.
 
-    ``reranker`` is the shared section (``prompt_template``, ``max_length``). With more than one
+    ``reranker`` is the shared section (``prompt_template``, ``input_format``, ``max_length``): pairs are
+    tokenized in that input format for training and validation, and the checkpoints record it. With more than one
     process this launches ``torchrun`` and waits for it.
     """
     spec = make_spec(train_path, val_path, base_model, out_dir, finetune, reranker, seed, device, threads)
@@ -461,18 +488,20 @@ def _load_model(path: str):
 
 
 class _Collator:
-    """Formats (query, passage) pairs with the prompt template and tokenizes with dynamic padding."""
+    """Tokenizes (query, passage) pairs in the run's input format (:func:`rerankflow.formatting.tokenize_pairs`:
+    the prompt template as one text, or a sentence pair with segment ids 0/1) with dynamic padding."""
 
-    def __init__(self, tokenizer, template, max_length, pad_multiple=None):
+    def __init__(self, tokenizer, template, max_length, pad_multiple=None, input_format=DEFAULT_INPUT_FORMAT):
         self.tok = tokenizer
         self.template = template
         self.max_length = max_length
         self.pad_multiple = pad_multiple
+        self.input_format = check_input_format(input_format)
 
     def __call__(self, pairs):
-        texts = [format_pair(q, p, self.template) for q, p in pairs]
-        return self.tok(texts, padding="longest", truncation=True, max_length=self.max_length,
-                        return_tensors="pt", pad_to_multiple_of=self.pad_multiple)
+        return tokenize_pairs(self.tok, [q for q, _p in pairs], [p for _q, p in pairs], input_format=self.input_format,
+                              template=self.template, max_length=self.max_length, padding="longest",
+                              return_tensors="pt", pad_to_multiple_of=self.pad_multiple)
 
 
 def score_pairs(model, collator, pairs, batch_size, device, autocast_ctx) -> list[float]:
@@ -536,7 +565,7 @@ def train(spec: dict) -> dict:
     model, tok = _load_model(spec["base_model"])
     builder = PlanBuilder(data.examples, data.passages, tok, spec["prompt_template"], spec["max_length"],
                           n_pass - 1, local_bs, micro_per_step, seed, bool(ft["group_by_length"]),
-                          listwise=ft["loss"] == "listwise")
+                          listwise=ft["loss"] == "listwise", input_format=spec_input_format(spec))
     listwise = ft["loss"] == "listwise"
     spe = builder.steps_per_epoch()
     if spe < 1:
@@ -574,7 +603,8 @@ def train(spec: dict) -> dict:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ddp_model = DDP(model, device_ids=[D.local_rank] if device == "cuda" else None)
-    collator = _Collator(tok, spec["prompt_template"], spec["max_length"], 8 if device == "cuda" else None)
+    collator = _Collator(tok, spec["prompt_template"], spec["max_length"], 8 if device == "cuda" else None,
+                         input_format=spec_input_format(spec))
 
     # ---- resume
     records: list[dict] = []
@@ -655,6 +685,7 @@ def train(spec: dict) -> dict:
                 tok.save_pretrained(cons)
                 write_text(cons / "README.md", model_card(spec, state, step_metrics))
                 write_json(cons / "rerankflow.json", {"prompt_template": spec["prompt_template"],
+                                                      "input_format": spec_input_format(spec),
                                                       "max_length": spec["max_length"], "step": state["step"],
                                                       "metrics": step_metrics, "base_model": spec["base_model"]})
                 tdir = tmp / "training_state"

@@ -12,14 +12,18 @@ Contract of the model (stage 4 export, also met by the INT8 MiniLM shipped by ve
 * a Hugging Face *fast* tokenizer file ``tokenizer.json``, looked up (unless given) in
   ``<model dir>/tokenizer/``, ``<model dir>/`` and, for ``onnx_int8/``, the sibling ``onnx/tokenizer/``.
 
-Each pair is rendered as ONE text with :func:`rerankflow.formatting.format_pair` and the shared
-``reranker.prompt_template``, then tokenized as a single sequence truncated (from the end) to
-``reranker.max_length`` tokens, special tokens included: exactly what fine-tuning fed the model
-(``tokenizer(text, truncation=True, max_length=...)``). Rows are sorted by length and cut into
+Each pair is tokenized in the model's ``reranker.input_format`` (:func:`rerankflow.formatting.tokenizer_input`):
+``template`` renders it as ONE text with :func:`rerankflow.formatting.format_pair` and the shared
+``reranker.prompt_template`` (a single sequence, segment ids 0); ``pair`` encodes ``(query, passage)``
+as a sentence pair (``[CLS] query [SEP] passage [SEP]``, segment ids 0/1, fed as ``token_type_ids``
+when the graph has that input). Either is truncated to ``reranker.max_length`` tokens, special
+tokens included (``longest_first``: the passage loses its end): exactly what fine-tuning fed the
+model (:func:`rerankflow.formatting.tokenize_pairs`). Rows are sorted by length and cut into
 batches of at most ``batch_size`` rows whose padding stays within ``max_padding`` (see
 :func:`plan_chunks`); the order of the returned scores is always the order of the inputs.
-``max_length`` and the template default to the export's record (``rerankflow_export.json``),
-see :func:`resolve_text_settings`.
+``max_length``, the input format and the template default to the export's record
+(``rerankflow_export.json``; a record without ``input_format`` means ``template``), see
+:func:`resolve_text_settings`.
 
 Batch composition matters for dynamically quantized INT8 models: their activation scales are
 computed per tensor, so padding and neighbouring rows shift a pair's logit (up to ~1 logit on
@@ -38,7 +42,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import InputError
-from .formatting import DEFAULT_PROMPT_TEMPLATE, check_template, format_pair
+from .formatting import DEFAULT_INPUT_FORMAT, DEFAULT_PROMPT_TEMPLATE, check_input_format, check_template, tokenizer_input
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +91,7 @@ def find_tokenizer_file(model_file: str | os.PathLike, tokenizer: str | os.PathL
 
 
 def read_export_info(model_file: str | os.PathLike) -> dict:
-    """The export's own record (prompt template, max length, dtype, ...) beside ``model_file``, or ``{}``."""
+    """The export's own record (input format, prompt template, max length, dtype, ...) beside ``model_file``, or ``{}``."""
     path = Path(model_file).parent / EXPORT_INFO
     if not path.is_file():
         return {}
@@ -98,19 +102,30 @@ def read_export_info(model_file: str | os.PathLike) -> dict:
     return info if isinstance(info, dict) else {}
 
 
-def resolve_text_settings(model_file: str | os.PathLike, max_length: int | None = None, prompt_template: str | None = None) -> tuple[int, str]:
-    """``(max_length, prompt_template)`` to score ``model_file`` with.
+def resolve_text_settings(model_file: str | os.PathLike, max_length: int | None = None, prompt_template: str | None = None,
+                          input_format: str | None = None) -> tuple[int, str, str]:
+    """``(max_length, prompt_template, input_format)`` to score ``model_file`` with.
 
-    Values not given come from the export's record (:data:`EXPORT_INFO`), else 512 and the
-    default template. Given values must equal the record's: a model is only served with the
-    text formatting it was exported (and trained) with, so a stale export or a hand-typed
-    mismatch fails here instead of silently costing quality.
+    Values not given come from the export's record (:data:`EXPORT_INFO`), else 512, the default
+    template and ``template``; a record written before ``input_format`` existed means ``template``.
+    Given values must equal the record's: a model is only served with the text formatting it was
+    exported (and trained) with, so a stale export or a hand-typed mismatch fails here instead of
+    silently costing quality. The prompt template is only compared when the format is
+    ``template`` (a sentence pair does not use it).
     """
+    if input_format is not None:
+        check_input_format(input_format)
     info = read_export_info(model_file)
+    recorded_format = (info.get("input_format") or DEFAULT_INPUT_FORMAT) if info else None
+    fmt = input_format if input_format is not None else (recorded_format or DEFAULT_INPUT_FORMAT)
     problems = []
     if max_length is not None and info.get("max_length") is not None and int(info["max_length"]) != int(max_length):
         problems.append(f"max_length {max_length} (export: {info['max_length']})")
-    if prompt_template is not None and info.get("prompt_template") is not None and info["prompt_template"] != prompt_template:
+    if input_format is not None and recorded_format is not None and recorded_format != input_format:
+        recorded = repr(recorded_format) + ("" if "input_format" in info else ", recorded before input_format existed")
+        problems.append(f"input_format {input_format!r} (export: {recorded})")
+    if (fmt == "template" and prompt_template is not None and info.get("prompt_template") is not None
+            and info["prompt_template"] != prompt_template):
         problems.append(f"prompt_template {prompt_template!r} (export: {info['prompt_template']!r})")
     if problems:
         raise InputError(
@@ -121,7 +136,7 @@ def resolve_text_settings(model_file: str | os.PathLike, max_length: int | None 
         )
     ml = int(max_length if max_length is not None else info.get("max_length", 512))
     tpl = prompt_template if prompt_template is not None else info.get("prompt_template", DEFAULT_PROMPT_TEMPLATE)
-    return ml, tpl
+    return ml, tpl, check_input_format(fmt)
 
 
 def providers_for(device: str) -> list[str]:
@@ -160,6 +175,7 @@ class OnnxScorer:
         tokenizer: str | os.PathLike | None = None,
         max_length: int = 512,
         prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+        input_format: str = DEFAULT_INPUT_FORMAT,
         device: str = "cpu",
         batch_size: int = 64,
         intra_op_threads: int = 0,
@@ -174,6 +190,7 @@ class OnnxScorer:
         self.tokenizer_file = find_tokenizer_file(self.model_file, tokenizer)
         self.max_length = int(max_length)
         self.prompt_template = check_template(prompt_template)
+        self.input_format = check_input_format(input_format)
         self.batch_size = int(batch_size)
         self.max_padding = float(max_padding)
 
@@ -214,17 +231,18 @@ class OnnxScorer:
         outputs = [o.name for o in self.session.get_outputs()]
         self.output_name = "logits" if "logits" in outputs else outputs[0]
         log.info(
-            "ONNX scorer: %s (tokenizer %s), providers %s, max_length %d",
-            self.model_file, self.tokenizer_file, self.session.get_providers(), self.max_length,
+            "ONNX scorer: %s (tokenizer %s), providers %s, max_length %d, input format %s",
+            self.model_file, self.tokenizer_file, self.session.get_providers(), self.max_length, self.input_format,
         )
 
     # ---------------------------------------------------------------- text -> tokens
-    def format(self, query: str, passage: str) -> str:
-        """The single text the model reads for one pair."""
-        return format_pair(query, passage, self.prompt_template)
+    def format(self, query: str, passage: str) -> str | tuple[str, str]:
+        """The tokenizer input of one pair: the single text (``template``) or the ``(query, passage)``
+        sequence pair (``pair``), see :func:`rerankflow.formatting.tokenizer_input`."""
+        return tokenizer_input(query, passage, input_format=self.input_format, template=self.prompt_template)
 
-    def encode_texts(self, texts: Sequence[str]) -> list[Encoded]:
-        """Tokenize already formatted texts, truncating each to ``max_length`` tokens."""
+    def encode_texts(self, texts: Sequence[str | tuple[str, str]]) -> list[Encoded]:
+        """Tokenize already formatted inputs (:meth:`format`), truncating each to ``max_length`` tokens."""
         if not texts:
             return []
         encs = self._tok.encode_batch(list(texts))
@@ -234,8 +252,8 @@ class OnnxScorer:
         """Format and tokenize (query, passage) pairs."""
         return self.encode_texts([self.format(query, p) for p in passages])
 
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        """Untruncated token counts (special tokens included) of formatted texts."""
+    def count_tokens(self, texts: Sequence[str | tuple[str, str]]) -> list[int]:
+        """Untruncated token counts (special tokens included) of formatted inputs (:meth:`format`)."""
         return [len(e.ids) for e in self._tok_full.encode_batch(list(texts))]
 
     # ---------------------------------------------------------------- tokens -> logits
@@ -279,8 +297,8 @@ class OnnxScorer:
         return logits
 
     # ---------------------------------------------------------------- convenience
-    def score_texts(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
-        """Logits of already formatted texts."""
+    def score_texts(self, texts: Sequence[str | tuple[str, str]], batch_size: int | None = None) -> np.ndarray:
+        """Logits of already formatted inputs (:meth:`format`)."""
         return self.run(self.encode_texts(texts), batch_size)
 
     def score(self, query: str, passages: Sequence[str], batch_size: int | None = None) -> np.ndarray:

@@ -4,9 +4,9 @@ Both return **raw logits** (no sigmoid), one per (query, passage) pair, so score
 checkpoint and of the endpoint serving it are directly comparable.
 
 * :class:`CrossEncoderScorer` loads any Hugging Face checkpoint that
-  ``AutoModelForSequenceClassification`` reads. A pair is rendered with the shared reranker prompt
-  template (:func:`rerankflow.formatting.format_pair`) into the single text the model was fine-tuned
-  on, tokenized once with truncation at ``max_length`` (the end of the passage is cut, like the
+  ``AutoModelForSequenceClassification`` reads. Pairs are tokenized once in the model's input
+  format (:func:`rerankflow.formatting.tokenize_pairs`: the shared prompt template as one text, or
+  a BERT sentence pair) with truncation at ``max_length`` (the end of the passage is cut, like the
   endpoint's ``truncate: END``), then batched **sorted by token length** so each batch pads only to
   its own longest member. bf16 autocast is used on CUDA when asked.
 * :class:`EndpointRanker` sends a query's candidates to an NVIDIA-NIM-shaped ``POST /v1/ranking``
@@ -26,13 +26,11 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from .beir import passage_text
-from .formatting import DEFAULT_PROMPT_TEMPLATE, check_template, format_pair
+from .formatting import INPUT_FORMATS  # noqa: F401  (importable from here too; defined in formatting)
+from .formatting import DEFAULT_PROMPT_TEMPLATE, check_input_format, check_template, tokenize_pairs
 from .models import pick_device
 
 log = logging.getLogger(__name__)
-
-
-INPUT_FORMATS = ("template", "pair")
 
 
 def _tqdm(iterable=None, **kw):
@@ -49,11 +47,12 @@ class CrossEncoderScorer:
     label the logit is that label's; with two (a binary classifier) it is the positive-class logit
     minus the negative-class logit, which ranks identically to the positive-class probability.
 
-    ``input_format``: ``"template"`` (default) renders each pair with the prompt template into one
-    text — what stage 2 fine-tunes on and what the export/serving stages feed; ``"pair"`` encodes
-    ``(query, passage)`` as a BERT sentence pair (``[CLS] q [SEP] p [SEP]``, segment ids 0/1), the
-    format off-the-shelf MS MARCO cross-encoders were trained with (use it to score a base model
-    the way it is normally used).
+    ``input_format`` (:data:`rerankflow.formatting.INPUT_FORMATS`): ``"template"`` (default) renders
+    each pair with the prompt template into one text; ``"pair"`` encodes ``(query, passage)`` as a
+    BERT sentence pair (``[CLS] q [SEP] p [SEP]``, segment ids 0/1), the format off-the-shelf MS
+    MARCO cross-encoders were trained with. Score a fine-tuned checkpoint in the
+    ``reranker.input_format`` it was trained with (its ``rerankflow.json`` records it), and a base
+    model the way it is normally used.
     """
 
     def __init__(self, model_path, max_length: int = 512, template: str = DEFAULT_PROMPT_TEMPLATE,
@@ -66,9 +65,7 @@ class CrossEncoderScorer:
             torch.set_num_threads(int(threads))
         self.model_path = str(model_path)
         self.template = check_template(template)
-        if input_format not in INPUT_FORMATS:
-            raise ValueError(f"input_format must be one of {INPUT_FORMATS}, got {input_format!r}")
-        self.input_format = input_format
+        self.input_format = check_input_format(input_format)
         self.max_length = int(max_length)
         self.batch_size = int(batch_size)
         self.device = pick_device(device)
@@ -118,14 +115,11 @@ class CrossEncoderScorer:
 
     def encode(self, pairs: Sequence[tuple[str, str]]) -> tuple[list[list[int]], list[list[int]] | None]:
         """Token ids (truncated at ``max_length``, unpadded) and segment ids (``pair`` format only)."""
-        if self.input_format == "pair":
-            enc = self.tokenizer([q for q, _p in pairs], [p for _q, p in pairs], truncation=True, max_length=self.max_length,
-                                 padding=False, return_attention_mask=False, return_token_type_ids=True)
-            return enc["input_ids"], enc.get("token_type_ids")
-        texts = [format_pair(q, p, self.template) for q, p in pairs]
-        enc = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=False,
-                             return_attention_mask=False, return_token_type_ids=False)
-        return enc["input_ids"], None
+        pair = self.input_format == "pair"
+        enc = tokenize_pairs(self.tokenizer, [q for q, _p in pairs], [p for _q, p in pairs],
+                             input_format=self.input_format, template=self.template, max_length=self.max_length,
+                             padding=False, return_attention_mask=False, return_token_type_ids=pair)
+        return enc["input_ids"], (enc.get("token_type_ids") if pair else None)
 
     def tokenize(self, pairs: Sequence[tuple[str, str]]) -> list[list[int]]:
         """Token ids of each pair as the model reads it (see :meth:`encode`)."""

@@ -6,13 +6,15 @@ Endpoints (all JSON):
   [{"text"}], "truncate"?: "NONE"|"END"}``; response ``{"rankings": [{"index", "logit"}], "usage"}``
   sorted by logit, highest first. ``truncate`` defaults to ``settings.default_truncate``
   (``NONE``, as in NIM): a pair longer than ``max_length`` tokens is then a 400; ``END`` cuts the
-  end of the pair text, exactly as training did.
+  end of the pair (the passage), exactly as training did. Pairs are tokenized in the model's
+  ``input_format`` (the export's record: the prompt template as one text, or a sentence pair).
 * ``POST /v1/rerank`` (also ``/v2/rerank`` and ``/rerank``) — Cohere/Infinity shape. Request
   ``{"model"?, "query": str, "documents": [str | {"text"}], "top_n"?, "return_documents"?: bool, "truncate"?: "NONE"|"END" (default END)}``;
   response ``{"object": "rerank", "model", "results": [{"index", "relevance_score", "document"?:
   {"text"}}], "usage"}`` with ``relevance_score = sigmoid(logit)``, highest first, at most ``top_n``.
 * ``GET /v1/health/live``, ``GET /v1/health/ready`` (503 until the model is loaded and the
-  batcher runs, and again while shutting down), ``GET /v1/models``.
+  batcher runs, and again while shutting down), ``GET /v1/models`` (with the ``max_length`` and
+  ``input_format`` the model is served with).
 
 Errors are ``{"object": "error", "type", "message", "detail"}`` with status 400 (invalid JSON,
 too many passages, text too long, over-long pair with ``truncate: NONE``), 401 (missing or wrong
@@ -51,6 +53,7 @@ from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 from .errors import InputError
+from .formatting import INPUT_FORMATS
 from .onnx_scorer import Encoded, OnnxScorer, find_model_file, plan_chunks, resolve_text_settings, sigmoid
 
 log = logging.getLogger("rerankflow.serve")
@@ -70,6 +73,7 @@ class ServeSettings:
     port: int = 8000
     max_length: int | None = None  # None: the export's record (rerankflow_export.json), else 512
     prompt_template: str | None = None  # None: the export's record, else the default template
+    input_format: str | None = None  # None: the export's record (no key there: template), else template
     device: str = "cpu"
     intra_op_threads: int = 0
     max_batch_size: int = 64
@@ -101,6 +105,7 @@ class ServeSettings:
             port=int(deploy.get("port", 8000)),
             max_length=reranker.get("max_length"),
             prompt_template=reranker.get("prompt_template"),
+            input_format=reranker.get("input_format"),
         )
         d.update(overrides)
         return cls.from_dict(d)
@@ -113,6 +118,8 @@ class ServeSettings:
             raise InputError(f"must be >= 0, got {self.max_wait_ms!r}", key="deploy.max_wait_ms")
         if self.default_truncate not in ("NONE", "END"):
             raise InputError(f"must be NONE or END, got {self.default_truncate!r}", key="deploy.default_truncate")
+        if self.input_format is not None and self.input_format not in INPUT_FORMATS:
+            raise InputError(f"must be one of {', '.join(INPUT_FORMATS)}, got {self.input_format!r}", key="reranker.input_format")
         return self
 
     def to_json(self) -> dict:
@@ -368,14 +375,15 @@ def create_app(settings: ServeSettings, scorer: OnnxScorer | None = None):
     settings.validate()
     token = _read_token(settings)
     if scorer is None:
-        settings.max_length, settings.prompt_template = resolve_text_settings(
-            find_model_file(settings.model), settings.max_length, settings.prompt_template
+        settings.max_length, settings.prompt_template, settings.input_format = resolve_text_settings(
+            find_model_file(settings.model), settings.max_length, settings.prompt_template, settings.input_format
         )
         scorer = OnnxScorer(
             settings.model,
             tokenizer=settings.tokenizer,
             max_length=settings.max_length,
             prompt_template=settings.prompt_template,
+            input_format=settings.input_format,
             device=settings.device,
             batch_size=settings.max_batch_size,
             intra_op_threads=settings.intra_op_threads,
@@ -516,7 +524,8 @@ def create_app(settings: ServeSettings, scorer: OnnxScorer | None = None):
         check_auth(request)
         return {
             "object": "list",
-            "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "rerankflow", "max_length": scorer.max_length}],
+            "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "rerankflow",
+                      "max_length": scorer.max_length, "input_format": scorer.input_format}],
         }
 
     @app.post("/v1/ranking")

@@ -14,7 +14,8 @@
 
 Where ``tensorrt`` is not importable, :func:`require_tensorrt` raises :class:`TensorRTUnavailable`
 with what to install — the workflow never writes a placeholder plan. :func:`run_tensorrt` builds
-the engine, then checks its logits against ONNX Runtime on real eval pairs (``tensorrt/parity.json``).
+the engine, then checks its logits against ONNX Runtime on real eval pairs (``tensorrt/parity.json``),
+tokenized in the input format and prompt template of the ONNX export's record.
 """
 
 from __future__ import annotations
@@ -221,35 +222,38 @@ def run_tensorrt(onnx_path, out_dir, eval_dir, export_cfg: dict | None = None, r
         DEFAULTS, MODEL_INPUTS, ParityError, check_parity, choose_providers, compare_scores, encode_batches,
         load_eval_groups, make_session, ort_runner, score_interleaved,
     )
-    from .formatting import DEFAULT_PROMPT_TEMPLATE, format_pair
     from .models import pick_device
+    from .onnx_scorer import resolve_text_settings
 
     trt = require_tensorrt()
     cfg = {**DEFAULTS, **(export_cfg or {})}
     tcfg = {**TRT_DEFAULTS, **(cfg.get("trt") or {})}
     profile = Profile.from_config(tcfg)
-    rr = {"prompt_template": DEFAULT_PROMPT_TEMPLATE, "max_length": 512, **(reranker_cfg or {})}
+    rr = {"max_length": 512, **(reranker_cfg or {})}
     max_length = min(int(rr["max_length"]), profile.max_seq)
+    # the pairs are tokenized as the ONNX model was exported (its record), which must agree with the config
+    _ml, template, input_format = resolve_text_settings(onnx_path, None, rr.get("prompt_template"), rr.get("input_format"))
     out_dir = Path(out_dir)
     build = build_engine(onnx_path, out_dir / "model.plan", tcfg, trt=trt)
     log.info("built %s", build)
 
     groups = load_eval_groups(eval_dir, n_pairs=tcfg["parity_pairs"], passages_per_query=cfg["passages_per_query"],
                               candidates=cfg["candidates"], retrieval=retrieval_cfg, seed=seed, device=pick_device(device))
-    texts = [format_pair(g.query, p, rr["prompt_template"]) for g in groups for p in g.passages]
+    pairs = [(g.query, p) for g in groups for p in g.passages]
     tok = AutoTokenizer.from_pretrained(str(Path(onnx_path).parent / "tokenizer"))
     session = make_session(onnx_path, choose_providers("auto"))
     names = [i.name for i in session.get_inputs()]
-    batches = encode_batches(tok, texts, [n for n in MODEL_INPUTS if n in names], max_length,
-                             min(int(cfg["batch_size"]), profile.max_batch))
+    batches = encode_batches(tok, pairs, [n for n in MODEL_INPUTS if n in names], max_length,
+                             min(int(cfg["batch_size"]), profile.max_batch), input_format=input_format, template=template)
     scores, secs = score_interleaved({"onnx": (ort_runner(session), batches), "tensorrt": (TrtRunner(out_dir / "model.plan", trt), batches)})
     report = compare_scores(scores["onnx"], scores["tensorrt"], groups)
     report.update({
         "reference": f"ONNX Runtime ({session.get_providers()[0]})",
         "tolerance": float(tcfg["parity_tolerance"]),
         "build": build,
-        "onnx_pairs_per_s": round(len(texts) / secs["onnx"], 2),
-        "tensorrt_pairs_per_s": round(len(texts) / secs["tensorrt"], 2),
+        "input_format": input_format,
+        "onnx_pairs_per_s": round(len(pairs) / secs["onnx"], 2),
+        "tensorrt_pairs_per_s": round(len(pairs) / secs["tensorrt"], 2),
     })
     try:
         check_parity(report, float(tcfg["parity_tolerance"]))

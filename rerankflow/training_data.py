@@ -33,7 +33,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import InputError
-from .formatting import format_pair
+from .formatting import DEFAULT_INPUT_FORMAT, pair_overhead
 from .io import read_json
 
 log = logging.getLogger(__name__)
@@ -315,6 +315,10 @@ class EpochPlan:
 class PlanBuilder:
     """Builds the (deterministic) data plan of an epoch: negatives, length-grouped micro-batches, steps.
 
+    Pair lengths are estimated as query tokens + passage tokens + the overhead of ``input_format``
+    (:func:`rerankflow.formatting.pair_overhead`: the template's words and special tokens, or in
+    ``pair`` format the special tokens of a sentence pair), capped at ``max_length``.
+
     ``listwise``: a micro-batch is ``local_batch`` whole query groups (the loss needs a query's
     passages together), grouped by the group's longest pair. Pointwise (BCE): pairs are independent,
     so a micro-batch is ``local_batch x n_passages`` single pairs grouped by their own length — much
@@ -323,7 +327,7 @@ class PlanBuilder:
 
     def __init__(self, examples, passages, tokenizer, template: str, max_length: int, n_neg: int,
                  local_batch: int, micro_per_step: int, seed: int, group_by_length: bool = True,
-                 listwise: bool = True):
+                 listwise: bool = True, input_format: str = DEFAULT_INPUT_FORMAT):
         self.examples = examples
         self.local_batch = int(local_batch)
         self.micro_per_step = int(micro_per_step)
@@ -337,7 +341,7 @@ class PlanBuilder:
                       | (set(passages) if self.sampler.short else set()))
         self._plen = dict(zip(used, token_lengths(tokenizer, [passages[d] for d in used]).tolist()))
         self._qlen = token_lengths(tokenizer, [ex.question for ex in examples])
-        self._overhead = len(tokenizer(format_pair("", "", template))["input_ids"])
+        self._overhead = pair_overhead(tokenizer, input_format=input_format, template=template)
 
     def steps_per_epoch(self) -> int:
         return (len(self.examples) // self.local_batch) // self.micro_per_step

@@ -20,7 +20,6 @@ from rerankflow.export import (  # noqa: E402
     ParityError, check_parity, checkpoint_model_dir, export_onnx, load_eval_groups,
     load_torch_reranker, make_session, measure, run_export,
 )
-from rerankflow.formatting import format_pair  # noqa: E402
 from rerankflow.testing import tiny_bert  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,6 +101,8 @@ def test_onnx_interface(exported):
     assert {o.domain or "": o.version for o in model.opset_import}[""] == 17
     info = json.loads((out / "onnx" / "rerankflow_export.json").read_text())
     assert info["uses_token_type_ids"] and info["dtype"] == "fp32" and info["max_length"] == 128
+    assert info["input_format"] == "template" and info["prompt_template"] == "question:{query} \n \n passage:{passage}"
+    assert {p.key: p.value for p in model.metadata_props}["input_format"] == "template"
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(str(out / "onnx" / "tokenizer"))("a b")["input_ids"][0] == 101
@@ -117,6 +118,7 @@ def test_parity_report_on_eval_pairs(exported):
     assert saved["top10_overlap_mean"] == 1.0 and len(saved["per_query"]) == 6
     assert saved["execution_provider"] == "CPUExecutionProvider"
     assert saved["prompt_template"] == "question:{query} \n \n passage:{passage}"
+    assert saved["input_format"] == "template" and saved["onnx_token_type_ids"] == [0]  # one text: one segment
     assert saved["pytorch_pairs_per_s"] > 0 and saved["onnx_pairs_per_s"] > 0
     print(f"parity: max |diff| {saved['max_abs_diff']:.2e} over {saved['pairs']} pairs")
 
@@ -162,8 +164,55 @@ def test_int8_model_scored_with_quality_and_speed(exported):
 
 def _parity(checkpoint, onnx_path, eval_dir, tokenizer_dir=None):
     groups = load_eval_groups(eval_dir, n_pairs=24, passages_per_query=8, candidates="corpus")
-    texts = [format_pair(g.query, p) for g in groups for p in g.passages]
-    return measure(checkpoint, onnx_path, groups, texts, max_length=128, batch_size=8, threads=1, tokenizer_dir=tokenizer_dir)
+    pairs = [(g.query, p) for g in groups for p in g.passages]
+    return measure(checkpoint, onnx_path, groups, pairs, max_length=128, batch_size=8, threads=1, tokenizer_dir=tokenizer_dir)
+
+
+def test_pair_format_export(checkpoint, eval_dir, tmp_path):
+    """A checkpoint trained in pair format: traced, parity-checked and recorded as sentence pairs, and the
+    ONNX scorer (the serving path) reads the record and scores like CrossEncoderScorer(input_format="pair")."""
+    from rerankflow.export import encode_batches
+    from rerankflow.onnx_scorer import OnnxScorer, resolve_text_settings
+    from rerankflow.reranking import CrossEncoderScorer
+
+    cfg = {**EXPORT_CFG, "quantize": "int8", "parity_pairs": 24}
+    report = run_export(checkpoint, eval_dir, tmp_path, cfg, {"max_length": 128, "input_format": "pair"}, threads=1)
+    saved = json.loads((tmp_path / "parity.json").read_text())
+    assert report["passed"] and saved["passed"] and saved["max_abs_diff"] < 1e-3 and saved["input_format"] == "pair"
+    assert saved["onnx_token_type_ids"] == [0, 1]  # the graph was fed the passage as segment 1, not all zeros
+    for folder in ("onnx", "onnx_int8"):
+        assert json.loads((tmp_path / folder / "rerankflow_export.json").read_text())["input_format"] == "pair"
+    assert resolve_text_settings(tmp_path / "onnx" / "model.onnx")[2] == "pair"
+
+    from transformers import AutoTokenizer
+
+    groups = load_eval_groups(eval_dir, n_pairs=24, passages_per_query=8, candidates="corpus")
+    pairs = [(g.query, p) for g in groups for p in g.passages]
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "onnx" / "tokenizer"))
+    (batch, *_) = encode_batches(tok, pairs, ["input_ids", "token_type_ids"], 128, 8, input_format="pair")
+    assert all(row.max() == 1 for row in batch["token_type_ids"])
+
+    ml, tpl, fmt = resolve_text_settings(tmp_path / "onnx" / "model.onnx")
+    onnx_scores = OnnxScorer(tmp_path / "onnx", max_length=ml, prompt_template=tpl, input_format=fmt).score_pairs(pairs)
+    torch_pair = CrossEncoderScorer(checkpoint, max_length=128, device="cpu", input_format="pair").score(pairs, progress=False)
+    torch_tpl = CrossEncoderScorer(checkpoint, max_length=128, device="cpu").score(pairs, progress=False)
+    np.testing.assert_allclose(onnx_scores, torch_pair, atol=1e-3)
+    assert np.abs(onnx_scores - torch_tpl).max() > 1e-2  # template scoring is a different input
+
+
+def test_checkpoint_trained_in_another_format_is_refused(checkpoint, eval_dir, tmp_path):
+    """Parity cannot see a format mix-up (both sides read the same input), so stage 2's record is checked."""
+    from rerankflow.errors import InputError
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, ckpt)
+    (ckpt / "rerankflow.json").write_text(json.dumps({"input_format": "pair", "prompt_template": "q {query} p {passage}"}))
+    with pytest.raises(InputError, match=r"reranker.input_format.*fine-tuned with input_format 'pair'.*is 'template'"):
+        run_export(ckpt, eval_dir, tmp_path / "out", EXPORT_CFG, {"max_length": 64}, threads=1)
+    (ckpt / "rerankflow.json").write_text(json.dumps({"prompt_template": "q {query} p {passage}"}))  # before input_format
+    with pytest.raises(InputError, match=r"fine-tuned with input_format 'template'.*is 'pair'"):
+        run_export(ckpt, eval_dir, tmp_path / "out", EXPORT_CFG, {"max_length": 64, "input_format": "pair"}, threads=1)
+    assert not (tmp_path / "out").exists()
 
 
 def test_corrupted_onnx_fails_parity(exported, checkpoint, eval_dir, tmp_path):

