@@ -1,0 +1,253 @@
+"""SciFact end to end through the workflow's own targets: supervised (A) and unsupervised (B).
+
+* **A, supervised** — ``config/scifact.yaml``: prep from SciFact's human labels
+  (``qrels/train.tsv``, ``prep.input_beir``), fine-tune, evaluate on ``qrels/test.tsv``.
+* **B, unsupervised** — ``config/scifact.yaml`` + ``config/scifact_sdg.yaml``: offline SDG over the
+  SciFact corpus only (no labels), prep, fine-tune, evaluate on the same real ``qrels/test.tsv``.
+
+Each variant is one ``snakemake --cores N <output_dir>/stage3_eval/eval_results.json`` run, so the
+numbers are exactly what a user gets from the workflow. The report gives, per variant, the first
+stage, the base reranker and the fine-tuned reranker (nDCG@10, MRR@10, Recall@100, Recall@top_k),
+the paired-bootstrap CI of every difference (the eval stage's own comparison for nDCG@10; MRR@10
+with the same function, :func:`rerankflow.metrics.compare_systems`, from ``per_query.json``) and
+the wall time of every rule from its Snakemake ``benchmark:`` file.
+
+The data is read where it lies: ``--data`` or ``$RERANKFLOW_SCIFACT``, default
+``../shared/data/scifact`` (relative to the repository root, as in ``config/scifact.yaml``). A path
+other than the default is passed through a generated overlay config (``<out>/paths.yaml``).
+Rules already up to date are not rerun (their times come from the last run, marked ``cached``).
+
+    python benchmarks/bench_scifact.py                 # A and B, ~1 h 20 min on 2 cores
+    python benchmarks/bench_scifact.py --variants A    # one variant
+
+Writes ``output/scifact/scifact_benchmark.json`` and ``.md`` and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DEFAULT_DATA = "../shared/data/scifact"
+VARIANTS = {
+    "A": {"name": "A. supervised (qrels/train.tsv)", "configs": ["config/scifact.yaml"], "data_keys": ["prep.input_beir"]},
+    "B": {"name": "B. unsupervised (offline SDG over the corpus)", "configs": ["config/scifact.yaml", "config/scifact_sdg.yaml"],
+          "data_keys": ["corpus.dir"]},
+}
+RULES = ("write_default_corpus", "sdg", "prep", "import_base_model", "finetune", "evaluate")
+SYSTEMS = ("first_stage", "base", "finetuned")
+
+
+def load_yaml(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def merged_config(files: list[str]) -> dict:
+    """The variant's config files merged in order (what Snakemake merges over config/config.yaml)."""
+    out: dict = {}
+
+    def merge(a: dict, b: dict) -> None:
+        for k, v in b.items():
+            if isinstance(v, dict) and isinstance(a.get(k), dict):
+                merge(a[k], v)
+            else:
+                a[k] = v
+
+    for f in ["config/config.yaml", *files]:
+        merge(out, load_yaml(ROOT / f))
+    return out
+
+
+def check_data(data: str) -> Path:
+    path = (ROOT / data).resolve() if not os.path.isabs(data) else Path(data)
+    missing = [p for p in ("corpus.jsonl", "queries.jsonl", "qrels/train.tsv", "qrels/test.tsv") if not (path / p).is_file()]
+    if missing:
+        sys.exit(f"SciFact not found at {path} (missing {', '.join(missing)}): pass --data PATH or set RERANKFLOW_SCIFACT "
+                 f"to a BEIR folder with corpus.jsonl, queries.jsonl and qrels/{{train,test}}.tsv")
+    return path
+
+
+def overlay(data: str, out_root: Path, variant: str) -> list[str]:
+    """Config files for ``variant``: the repo's, plus a generated one when the data is not at the default path."""
+    files = list(VARIANTS[variant]["configs"])
+    if data == DEFAULT_DATA:
+        return files
+    import yaml
+
+    doc = {"eval": {"eval_data_path": data}}
+    if variant == "A":
+        doc["prep"] = {"input_beir": data}
+    else:
+        doc["corpus"] = {"dir": str(Path(data) / "corpus.jsonl")}
+    path = out_root / f"paths_{variant}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(doc, sort_keys=True))
+    return [*files, str(path)]
+
+
+def rule_times(since: float, previous: dict) -> dict:
+    """Wall seconds of each rule from ``logs/benchmarks/<rule>.tsv``: fresh when written after ``since``."""
+    out = {}
+    for rule in RULES:
+        tsv = ROOT / "logs" / "benchmarks" / f"{rule}.tsv"
+        if tsv.exists() and tsv.stat().st_mtime >= since:
+            with open(tsv) as fh:
+                rows = list(csv.DictReader(fh, delimiter="\t"))
+            if rows:
+                out[rule] = {"s": round(float(rows[-1]["s"]), 1), "max_rss_mb": _num(rows[-1].get("max_rss")),
+                             "cached": False}
+        elif rule in previous:
+            out[rule] = {**previous[rule], "cached": True}
+    return out
+
+
+def earlier_stage_times(out_dir: Path, times: dict) -> dict:
+    """Rules that were up to date before this run and have no earlier report: their stage's own timer."""
+    summary = out_dir / "stage1_prep" / "prep_summary.json"
+    if "prep" not in times and summary.exists():
+        times["prep"] = {"s": json.loads(summary.read_text()).get("seconds"), "max_rss_mb": None, "cached": True}
+    return times
+
+
+def _num(x):
+    try:
+        return round(float(x), 1)
+    except (TypeError, ValueError):
+        return None
+
+
+def run_variant(variant: str, data: str, cores: int, out_root: Path, previous: dict) -> dict:
+    files = overlay(data, out_root, variant)
+    cfg = merged_config(files)
+    out_dir = Path(cfg["output_dir"])
+    target = out_dir / "stage3_eval" / "eval_results.json"
+    cmd = ["snakemake", str(target), "--cores", str(cores), "--configfile", *files]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    print(f"\n=== {VARIANTS[variant]['name']}\n$ {' '.join(cmd)}", flush=True)
+    t0 = time.time()
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+    wall = time.time() - t0
+    times = earlier_stage_times(ROOT / out_dir, rule_times(t0, previous.get("rules", {})))
+    # keep this variant's logs: the rules write logs/<rule>.log, shared by every output_dir
+    logs = ROOT / out_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    for rule, t in times.items():
+        if not t["cached"] and (ROOT / "logs" / f"{rule}.log").exists():
+            shutil.copy2(ROOT / "logs" / f"{rule}.log", logs / f"{rule}.log")
+    return {"variant": variant, "name": VARIANTS[variant]["name"], "command": " ".join(cmd), "output_dir": str(out_dir),
+            "snakemake_wall_s": round(wall, 1), "rules": times, **summarize(ROOT / out_dir, cfg)}
+
+
+def summarize(out_dir: Path, cfg: dict) -> dict:
+    from rerankflow.metrics import compare_systems
+
+    res = json.loads((out_dir / "stage3_eval" / "eval_results.json").read_text())
+    pq = json.loads((out_dir / "stage3_eval" / "per_query.json").read_text())["systems"]
+    meta = res["meta"]
+    top_k = meta["top_k"]
+    systems = {}
+    for s in SYSTEMS:
+        if s in res:
+            systems[s] = {"NDCG@10": res[s]["NDCG"]["NDCG@10"], "MRR@10": res[s]["MRR"]["MRR@10"],
+                          "Recall@100": res[s]["Recall"].get("Recall@100"), f"Recall@{top_k}": res[s]["Recall"].get(f"Recall@{top_k}")}
+    comparisons = []
+    n, conf = int(meta["bootstrap_samples"]), float(meta["confidence"])
+    for a, b in (("first_stage", "base"), ("base", "finetuned"), ("first_stage", "finetuned")):
+        if a in pq and b in pq:
+            for metric in ("NDCG@10", "MRR@10"):
+                c = compare_systems(pq[a], pq[b], metric, n, conf, int(meta["seed"]))
+                comparisons.append({"from": a, "to": b, **{k: c[k] for k in ("metric", "delta", "ci_low", "ci_high",
+                                                                           "p_value", "wins", "losses", "ties")}})
+    # the eval stage's own comparison must agree with ours (same function, same seed)
+    for c in res["comparisons"]:
+        ours = next(x for x in comparisons if (x["from"], x["to"], x["metric"]) == (c["from"], c["to"], c["metric"]))
+        assert abs(ours["ci_low"] - c["ci_low"]) < 1e-9, (ours, c)
+    prep = json.loads((out_dir / "stage1_prep" / "prep_summary.json").read_text())
+    ft = {}
+    ft_path = out_dir / "stage2_finetune" / "training_summary.json"
+    if ft_path.exists():
+        ft = json.loads(ft_path.read_text())
+    return {"top_k": top_k, "first_stage_depth": meta.get("first_stage_depth"), "queries": meta["counts"]["queries_evaluated"],
+            "input_formats": meta["input_formats"], "reranker_max_length": meta["reranker_max_length"],
+            "systems": systems, "comparisons": comparisons, "eval_timings": meta["timings"],
+            "prep": {k: prep.get(k) for k in ("source", "queries_per_split", "pairs", "unrolled_records", "dropped_as_false_negatives")},
+            "finetune": {k: ft.get(k) for k in ("steps", "epoch", "best", "best_val_ndcg@10", "last_val", "pairs_per_s")},
+            "config": {"finetune": cfg.get("finetune"), "reranker": cfg.get("reranker"), "sdg": cfg.get("sdg") if "corpus" in cfg else None}}
+
+
+def fmt(x, d=4):
+    return "–" if x is None else f"{x:.{d}f}"
+
+
+def markdown(report: dict) -> str:
+    lines = [f"SciFact test ({report['variants'][0]['queries']} queries), {report['machine']}, {report['date']}", ""]
+    for v in report["variants"]:
+        k = v["top_k"]
+        lines += [f"### {v['name']}", "", f"`{v['command']}` — {v['snakemake_wall_s'] / 60:.1f} min "
+                  f"(reranks the dense top {k}; first stage to depth {v['first_stage_depth']}; reranker max_length "
+                  f"{v['reranker_max_length']}; input formats {v['input_formats']})", "",
+                  f"| system | nDCG@10 | MRR@10 | Recall@{k} | Recall@100 |", "|---|---|---|---|---|"]
+        for s, m in v["systems"].items():
+            lines.append(f"| {s} | {fmt(m['NDCG@10'])} | {fmt(m['MRR@10'])} | {fmt(m[f'Recall@{k}'])} | {fmt(m['Recall@100'])} |")
+        lines += ["", "| difference | metric | Δ | 95% CI | p | wins/losses/ties |", "|---|---|---|---|---|---|"]
+        for c in v["comparisons"]:
+            lines.append(f"| {c['from']} → {c['to']} | {c['metric']} | {c['delta']:+.4f} | [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] "
+                         f"| {c['p_value']:.4f} | {c['wins']}/{c['losses']}/{c['ties']} |")
+        lines += ["", "| rule | wall s | peak RSS MB |", "|---|---|---|"]
+        for rule, t in v["rules"].items():
+            wall = "–" if t["s"] is None else f"{t['s']:.0f}"
+            lines.append(f"| {rule}{' (up to date: earlier run)' if t['cached'] else ''} | {wall} | {t['max_rss_mb'] or '–'} |")
+        et = v["eval_timings"]
+        parts = [f"{s} {et[s].get('score_s', et[s].get('total_s', 0)):.0f} s"
+                 + (f" ({et[s]['cached_pairs']} pairs from the score cache)" if et[s].get("cached_pairs") else "")
+                 for s in SYSTEMS if s in et]
+        lines += ["", "evaluate, inside: " + "; ".join(parts), ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default=os.environ.get("RERANKFLOW_SCIFACT", DEFAULT_DATA),
+                    help="SciFact BEIR folder (default: $RERANKFLOW_SCIFACT or ../shared/data/scifact)")
+    ap.add_argument("--variants", nargs="+", default=["A", "B"], choices=sorted(VARIANTS))
+    ap.add_argument("--cores", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--out", default="output/scifact", help="where the report goes")
+    args = ap.parse_args()
+    check_data(args.data)
+    out_root = ROOT / args.out
+    report_path = out_root / "scifact_benchmark.json"
+    previous = {v["variant"]: v for v in json.loads(report_path.read_text())["variants"]} if report_path.exists() else {}
+    import platform
+
+    report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.cores} used",
+              "data": args.data, "variants": []}
+    for v in args.variants:
+        report["variants"].append(run_variant(v, args.data, args.cores, out_root, previous.get(v, {})))
+    for v, prev in previous.items():  # keep variants not rerun this time
+        if v not in args.variants:
+            report["variants"].append(prev)
+    report["variants"].sort(key=lambda v: v["variant"])
+    out_root.mkdir(parents=True, exist_ok=True)
+    from rerankflow.io import write_json, write_text
+
+    write_json(report_path, report)
+    md = markdown(report)
+    write_text(out_root / "scifact_benchmark.md", md)
+    print("\n" + md)
+    print(f"\nwrote {report_path} and {out_root / 'scifact_benchmark.md'}")
+
+
+if __name__ == "__main__":
+    main()
