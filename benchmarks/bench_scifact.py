@@ -56,17 +56,11 @@ def load_yaml(path: Path) -> dict:
 
 def merged_config(files: list[str]) -> dict:
     """The variant's config files merged in order (what Snakemake merges over config/config.yaml)."""
+    from snakemake.utils import update_config  # Snakemake's own recursive merge of config files
+
     out: dict = {}
-
-    def merge(a: dict, b: dict) -> None:
-        for k, v in b.items():
-            if isinstance(v, dict) and isinstance(a.get(k), dict):
-                merge(a[k], v)
-            else:
-                a[k] = v
-
     for f in ["config/config.yaml", *files]:
-        merge(out, load_yaml(ROOT / f))
+        update_config(out, load_yaml(ROOT / f))
     return out
 
 
@@ -97,17 +91,27 @@ def overlay(data: str, out_root: Path, variant: str) -> list[str]:
     return [*files, str(path)]
 
 
+def benchmark_tsv(rule: str) -> Path:
+    """The rule's Snakemake ``benchmark:`` file."""
+    return ROOT / "logs" / "benchmarks" / f"{rule}.tsv"
+
+
+def read_benchmark(tsv: Path) -> dict:
+    """``{"s", "max_rss_mb"}`` of the last row of a Snakemake benchmark file (``s`` None when empty)."""
+    with open(tsv) as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t"))
+    if not rows:
+        return {"s": None, "max_rss_mb": None}
+    return {"s": round(float(rows[-1]["s"]), 1), "max_rss_mb": _num(rows[-1].get("max_rss"))}
+
+
 def rule_times(rules, since: float, previous: dict) -> dict:
     """Wall seconds of each rule from ``logs/benchmarks/<rule>.tsv``: fresh when written after ``since``."""
     out = {}
     for rule in rules:
-        tsv = ROOT / "logs" / "benchmarks" / f"{rule}.tsv"
+        tsv = benchmark_tsv(rule)
         if tsv.exists() and tsv.stat().st_mtime >= since:
-            with open(tsv) as fh:
-                rows = list(csv.DictReader(fh, delimiter="\t"))
-            if rows:
-                out[rule] = {"s": round(float(rows[-1]["s"]), 1), "max_rss_mb": _num(rows[-1].get("max_rss")),
-                             "cached": False}
+            out[rule] = {**read_benchmark(tsv), "cached": False}
         elif rule in previous:
             out[rule] = {**previous[rule], "cached": True}
     return out
@@ -128,13 +132,9 @@ def earlier_stage_times(rules, out_dir: Path, times: dict) -> dict:
     if firsts and results.exists():
         lo, hi = min(firsts) - 60, results.stat().st_mtime + 60
         for rule in rules:
-            tsv = ROOT / "logs" / "benchmarks" / f"{rule}.tsv"
+            tsv = benchmark_tsv(rule)
             if rule not in times and tsv.exists() and lo <= tsv.stat().st_mtime <= hi:
-                with open(tsv) as fh:
-                    rows = list(csv.DictReader(fh, delimiter="\t"))
-                if rows:
-                    times[rule] = {"s": round(float(rows[-1]["s"]), 1), "max_rss_mb": _num(rows[-1].get("max_rss")),
-                                   "cached": True}
+                times[rule] = {**read_benchmark(tsv), "cached": True}
     return times
 
 
