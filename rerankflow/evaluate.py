@@ -39,7 +39,7 @@ from pathlib import Path
 from . import __version__
 from .beir import load_beir, load_query_metadata
 from .errors import InputError
-from .formatting import DEFAULT_PROMPT_TEMPLATE, Prefixes, check_template
+from .formatting import DEFAULT_INPUT_FORMAT, DEFAULT_PROMPT_TEMPLATE, Prefixes, check_input_format, check_template
 from .io import atomic_path, write_json, write_text
 from .metrics import (FAMILIES, breakdown, check_k_values, compare_systems, evaluable_qrels, evaluate_run, metric_names,
                       metric_value, rank_documents)
@@ -350,9 +350,10 @@ def evaluate(eval_data_dir, out_dir, *, eval_cfg: dict, retrieval_cfg: dict, rer
     cfg = check_eval_config(dict(eval_cfg or {}))
     reranker_cfg = dict(reranker_cfg or {})
     template = check_template(reranker_cfg.get("prompt_template", DEFAULT_PROMPT_TEMPLATE))
-    finetuned_format = reranker_cfg.get("input_format", "template")
-    if finetuned_format not in ("template", "pair"):
-        raise EvalConfigError(f"must be 'template' or 'pair', got {finetuned_format!r}", key="reranker.input_format")
+    try:
+        finetuned_format = check_input_format(reranker_cfg.get("input_format", DEFAULT_INPUT_FORMAT))
+    except ValueError as exc:
+        raise EvalConfigError(str(exc), key="reranker.input_format") from None
     max_length = int(reranker_cfg.get("max_length", 512))
     k_values = cfg["k_values"]
     seed = int(cfg["seed"] if cfg["seed"] is not None else seed)

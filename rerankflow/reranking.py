@@ -154,16 +154,6 @@ def candidate_pairs(run: Mapping[str, Mapping[str, float]], queries: Mapping[str
     return keys, pairs
 
 
-def rerank_run(run, queries, corpus, scorer: CrossEncoderScorer, sort_by_length: bool = True, desc: str = "rerank") -> dict:
-    """Rescore every candidate of ``run`` with ``scorer``; returns ``{qid: {doc_id: logit}}``."""
-    keys, pairs = candidate_pairs(run, queries, corpus)
-    scores = scorer.score(pairs, sort_by_length=sort_by_length, desc=desc)
-    out: dict[str, dict[str, float]] = {qid: {} for qid in run}
-    for (qid, did), s in zip(keys, scores):
-        out[qid][did] = float(s)
-    return out
-
-
 # --------------------------------------------------------------------------------------------
 # Served endpoint
 
