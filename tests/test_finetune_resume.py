@@ -34,6 +34,25 @@ def _env():
     return env
 
 
+def _kill_after_first_checkpoint(proc, ckpt_dir: Path, kill, finished_message: str, timeout: float = 120) -> None:
+    """Wait until ``proc`` has written its first ``epoch_*`` checkpoint under ``ckpt_dir``, then ``kill()`` it.
+
+    Asserts the process was still running (``finished_message`` otherwise); kills it in any case.
+    """
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if ckpt_dir.is_dir() and any(p.name.startswith("epoch_") for p in ckpt_dir.iterdir()):
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, finished_message
+        kill()
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            kill()
+
+
 def _log(out):
     return [json.loads(line) for line in (Path(out) / "training_log.jsonl").read_text().splitlines()]
 
@@ -55,18 +74,8 @@ def test_sigkill_then_rerun_resumes_to_the_same_step_count(data):
     cmd = [sys.executable, "-m", "rerankflow.finetune", "--spec", str(spec_path)]
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpts = out / "checkpoints"
-    deadline = time.time() + 120
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if ckpts.is_dir() and any(p.name.startswith("epoch_") for p in ckpts.iterdir()):
-                break
-            time.sleep(0.01)
-        assert proc.poll() is None, "training finished before it could be killed"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    _kill_after_first_checkpoint(proc, ckpts, lambda: proc.send_signal(signal.SIGKILL),
+                                 "training finished before it could be killed")
     assert not (out / "training_log.jsonl").exists()  # the final log is only written by a finished run
     done = sorted(p.name for p in ckpts.iterdir() if p.name.startswith("epoch_"))
     assert done
@@ -182,18 +191,8 @@ def test_snakemake_rule_symlink_outputs_and_rerun(data, tmp_path):
     # 1) the job is SIGKILLed (with Snakemake) after its first checkpoint
     proc = subprocess.Popen(args + [target], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    deadline = time.time() + 120
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if ck.is_dir() and any(p.name.startswith("epoch_") for p in ck.iterdir()):
-                break
-            time.sleep(0.01)
-        assert proc.poll() is None, "the job finished before it could be killed"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    _kill_after_first_checkpoint(proc, ck, lambda: os.killpg(proc.pid, signal.SIGKILL),
+                                 "the job finished before it could be killed")
     assert not (wd / "out" / "stage2_finetune" / "training_log.jsonl").exists()
     # 2) re-running the workflow resumes from the checkpoint (which Snakemake did not delete)
     subprocess.run(args + ["--unlock"], env=_env(), capture_output=True, check=True)
