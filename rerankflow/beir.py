@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import InputError
-from .io import atomic_path, iter_jsonl_numbered, write_jsonl
+from rerankflow.errors import InputError
+from rerankflow.io import atomic_path, iter_jsonl_numbered, write_jsonl
 
 QRELS_HEADER = "query-id\tcorpus-id\tscore"
 

@@ -16,8 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import InputError
-from .formatting import INPUT_FORMATS
+from rerankflow.errors import InputError
+from rerankflow.formatting import INPUT_FORMATS
 
 
 def _serve_parser(sub) -> None:
@@ -57,7 +57,7 @@ def _stop_parser(sub) -> None:
 
 def serve_settings_from_args(args) -> "ServeSettings":  # noqa: F821
     """Merge defaults, --config, --settings and flags into :class:`ServeSettings`."""
-    from .serve import ServeSettings, load_settings_file
+    from rerankflow.serve.app import ServeSettings, load_settings_file
 
     merged: dict = {}
     model = None
@@ -101,14 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
-            from .serve import run_server
+            from rerankflow.serve.app import run_server
 
             run_server(serve_settings_from_args(args))
             return 0
         if args.command == "stop":
             import json
 
-            from .deploy import stop
+            from rerankflow.deploy.service import stop
 
             record = stop(args.endpoint_file, out_file=args.out, timeout_s=args.timeout)
             print(json.dumps(record, indent=2))

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .errors import InputError
+from rerankflow.errors import InputError
 
 
 @contextlib.contextmanager

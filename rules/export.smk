@@ -1,6 +1,6 @@
 # Stage 4: ONNX export with a parity report against PyTorch (+ INT8 when export.quantize: int8)
-# and, when asked, a TensorRT engine. Logic lives in rerankflow/export.py and
-# rerankflow/tensorrt_engine.py; see docs/export.md.
+# and, when asked, a TensorRT engine. Logic lives in rerankflow/export/onnx_export.py and
+# rerankflow/export/tensorrt.py; see docs/export.md.
 # Default target: export_onnx's outputs (onnx_int8/model.onnx included when export.quantize is int8);
 # add f"{EXPORT_DIR}/tensorrt/model.plan" when export.export_to_trt is true.
 

@@ -1,4 +1,4 @@
-# Stage 2: fine-tune the cross-encoder reranker (rerankflow/finetune.py).
+# Stage 2: fine-tune the cross-encoder reranker (rerankflow/train/finetune.py).
 #
 # Outputs are the BEST/LATEST symlinks, the training log and the curve. The checkpoints they point
 # at (checkpoints/epoch_<e>_step_<s>/) are deliberately NOT outputs: Snakemake deletes a job's

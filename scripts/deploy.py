@@ -1,6 +1,6 @@
 """Snakemake entry point of rule `deploy`: start the ranking service, smoke-test it, write endpoint.json."""
 import _repo  # noqa: F401  (rerankflow importable under --sdm conda)
-from rerankflow.deploy import deploy
+from rerankflow.deploy.service import deploy
 from rerankflow.scripting import rule_logging
 
 with rule_logging(snakemake.log[0]):

@@ -2,7 +2,7 @@
 import _repo  # noqa: F401  (rerankflow importable under --sdm conda)
 from pathlib import Path
 
-from rerankflow.evaluate import evaluate
+from rerankflow.eval.evaluate import evaluate
 from rerankflow.scripting import rule_logging
 
 with rule_logging(snakemake.log[0], snakemake.threads):

@@ -7,7 +7,7 @@ from pathlib import Path
 sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)  # noqa: F821
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-from rerankflow.export import checkpoint_model_dir, run_export  # noqa: E402
+from rerankflow.export.onnx_export import checkpoint_model_dir, run_export  # noqa: E402
 
 p = snakemake.params  # noqa: F821
 run_export(

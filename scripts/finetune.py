@@ -2,7 +2,7 @@
 import _repo  # noqa: F401  (rerankflow importable under --sdm conda)
 from pathlib import Path
 
-from rerankflow.finetune import run_finetune
+from rerankflow.train.finetune import run_finetune
 from rerankflow.scripting import rule_logging
 
 with rule_logging(snakemake.log[0], snakemake.threads):

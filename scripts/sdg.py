@@ -3,7 +3,7 @@ import _repo  # noqa: F401  (rerankflow importable under --sdm conda)
 from pathlib import Path
 
 from rerankflow.scripting import rule_logging
-from rerankflow.sdg import run_sdg
+from rerankflow.sdg.run import run_sdg
 
 with rule_logging(snakemake.log[0], snakemake.threads):
     run_sdg(

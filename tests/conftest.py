@@ -64,7 +64,7 @@ def process_gone(pid: int, timeout: float = 15.0) -> bool:
     """True once ``pid`` has exited (or is a zombie) within ``timeout`` seconds."""
     import time
 
-    from rerankflow.deploy import _proc_stat
+    from rerankflow.deploy.service import _proc_stat
 
     t0 = time.time()
     while time.time() - t0 < timeout:

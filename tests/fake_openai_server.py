@@ -2,7 +2,7 @@
 
 It listens on 127.0.0.1 (real sockets, ``http.server`` in a thread) and answers
 ``POST /v1/chat/completions`` like a model that follows the prompts of
-:mod:`rerankflow.sdg_prompts`: generation requests (recognised by ``"qa_pairs"`` in the first user
+:mod:`rerankflow.sdg.prompts`: generation requests (recognised by ``"qa_pairs"`` in the first user
 message) get pairs built from the numbered segments, judge requests (``"evaluations"``) get one
 evaluation per listed pair. It records every request body and counts them.
 

@@ -1,0 +1,1 @@
+"""Stage 5: start, smoke-test and stop the ranking service (built-in or NIM container)."""

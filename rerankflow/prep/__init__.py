@@ -1,0 +1,1 @@
+"""Stage 1: quality filter, document split, passage corpus and hard-negative mining."""

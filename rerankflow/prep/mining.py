@@ -1,0 +1,112 @@
+"""Hard-negative mining with a bi-encoder and FAISS.
+
+For each training query: score the corpus (exact inner product, in blocks), mask its positives,
+drop candidates that are not allowed as negatives (passages of the test split, so evaluation
+passages never leak into training), drop candidates scoring above ``margin x (lowest positive
+score)`` as likely false negatives, and keep the hardest ``num_negatives`` (NV-Retriever's
+"TopK-PercPos" rule with NVIDIA's default margin 0.95).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from rerankflow.retrieval.embedding import embed_corpus, embed_queries, search
+from rerankflow.formatting import Prefixes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MiningResult:
+    """Per query: positives and negatives as ``(passage index, score)``, best first."""
+
+    positives: list[list[tuple[int, float]]]
+    negatives: list[list[tuple[int, float]]]
+    short: int = 0  # queries that got fewer negatives than asked for
+    dropped_as_false_negative: int = 0
+    stats: dict = field(default_factory=dict)
+
+
+def select_negatives(candidates: Sequence[tuple[int, float]], positives: set[int], min_pos_score: float,
+                     margin: float, num_negatives: int, allowed: Callable[[int], bool]) -> tuple[list[tuple[int, float]], int]:
+    """Apply the mining rule to ranked ``candidates``; returns (negatives, number dropped by the margin)."""
+    ceiling = margin * min_pos_score
+    out: list[tuple[int, float]] = []
+    dropped = 0
+    for idx, score in candidates:
+        if idx < 0 or idx in positives or not allowed(idx):
+            continue
+        if score > ceiling:
+            dropped += 1
+            continue
+        out.append((idx, float(score)))
+        if len(out) >= num_negatives:
+            break
+    return out, dropped
+
+
+def mine_hard_negatives(
+    queries: Sequence[str],
+    positives: Sequence[Sequence[int]],
+    passage_ids: Sequence[str],
+    passage_texts: Sequence[str],
+    allowed: Sequence[Callable[[int], bool]],
+    *,
+    model_name: str,
+    prefixes: Prefixes,
+    max_length: int,
+    num_negatives: int,
+    margin: float,
+    batch_size: int = 64,
+    block_size: int = 4096,
+    depth: int = 100,
+    cache_dir=None,
+    device: str = "auto",
+) -> MiningResult:
+    """Mine ``num_negatives`` hard negatives per query (see module docstring).
+
+    ``allowed[i](passage_index)`` says whether a passage may be a negative of query ``i``.
+    ``depth`` candidates beyond the positives are searched per query.
+    """
+    from rerankflow.models import load_embedder
+
+    model = load_embedder(model_name, max_length, device)
+    corpus_emb = embed_corpus(passage_ids, passage_texts, model_name, prefixes, max_length, batch_size,
+                              cache_dir, device, model=model)
+    q_emb = embed_queries(queries, model_name, prefixes, max_length, batch_size, device, model=model)
+    max_pos = max((len(p) for p in positives), default=1)
+    k = min(len(passage_ids), num_negatives + max_pos + depth)
+    scores, idx = search(q_emb, corpus_emb, k, block_size)
+    res = MiningResult(positives=[], negatives=[])
+    short: list[int] = []
+    for i, pos in enumerate(positives):
+        pos_scores = [(p, float(np.dot(q_emb[i], corpus_emb[p]))) for p in pos]
+        pos_scores.sort(key=lambda x: -x[1])
+        min_pos = min(s for _, s in pos_scores)
+        negs, dropped = select_negatives(list(zip(idx[i].tolist(), scores[i].tolist())), set(pos), min_pos,
+                                         margin, num_negatives, allowed[i])
+        res.positives.append(pos_scores)
+        res.negatives.append(negs)
+        res.dropped_as_false_negative += dropped
+        if len(negs) < num_negatives:
+            short.append(i)
+    deep_k = min(len(passage_ids), 8 * k)
+    if short and deep_k > k:
+        # Queries whose top-k was used up by positives, excluded passages or likely false negatives get one
+        # deeper search, so strict margins still find enough negatives.
+        log.info("re-searching %d queries at depth %d for enough negatives", len(short), deep_k)
+        s2, i2 = search(q_emb[short], corpus_emb, deep_k, block_size)
+        for row, i in enumerate(short):
+            min_pos = min(s for _, s in res.positives[i])
+            negs, _ = select_negatives(list(zip(i2[row].tolist(), s2[row].tolist())), set(positives[i]), min_pos,
+                                       margin, num_negatives, allowed[i])
+            res.negatives[i] = negs
+    res.short = sum(1 for n in res.negatives if len(n) < num_negatives)
+    res.stats = {"queries": len(queries), "passages": len(passage_ids), "search_depth": k,
+                 "dim": int(corpus_emb.shape[1])}
+    return res

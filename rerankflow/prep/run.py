@@ -1,0 +1,270 @@
+"""Stage 1 (prep): from SDG records or a labelled BEIR folder to training and evaluation data.
+
+Steps (SPEC.md, stage 1):
+
+1. keep QA pairs whose judge ``overall.score >= quality_threshold``;
+2. split by *source document* (seeded) into train/val/test, so no document feeds two splits
+   (BEIR input: train/val from ``qrels/train.tsv`` split by query, test from ``qrels/test.tsv``);
+3. build the passage corpus, deduplicated by text, ids ``d_<sha256(text)[:16]>`` (BEIR input keeps
+   its own ids);
+4. mine hard negatives for train and val queries (:mod:`rerankflow.prep.mining`); passages of the test
+   split are never negatives, and train queries never get val passages as negatives;
+5. write ``train.json``, ``val.json`` (records without negatives), ``corpus/train.parquet``,
+   ``train_mined.automodel.json`` (negatives), ``train_mined.automodel_unrolled.json`` (one record per
+   positive), the validation file ``val_mined.automodel.json`` and ``eval_beir/`` for the test split.
+
+Training record: ``{question_id, question, corpus_id, pos_doc: [{id, score}], neg_doc: [{id, score}]}``
+under ``{"corpus": {"path": <parquet>}, "data": [...]}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rerankflow.beir import check_qrels, load_corpus, load_qrels, load_queries, passage_text, write_beir
+from rerankflow.errors import InputError
+from rerankflow.formatting import Prefixes
+from rerankflow.io import atomic_path, sha256_text, write_json
+from rerankflow.prep.mining import mine_hard_negatives
+from rerankflow.sdg.run import load_sdg_records
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class PrepData:
+    """Everything stage 1 knows before mining."""
+
+    passages: dict[str, dict] = field(default_factory=dict)  # id -> {"title", "text"}
+    passage_splits: dict[str, set] = field(default_factory=dict)  # id -> splits whose documents hold it
+    queries: list[dict] = field(default_factory=list)  # {qid, question, split, positives, metadata}
+    stats: dict = field(default_factory=dict)
+
+
+def passage_id(text: str) -> str:
+    """Content-addressed passage id: ``d_`` + first 16 hex of sha256(text)."""
+    return "d_" + sha256_text(text)[:16]
+
+
+def split_documents(source_ids: list[str], train_ratio: float, val_ratio: float, test_ratio: float,
+                    seed: int) -> dict[str, str]:
+    """Assign each source document to one split, seeded; ratios are normalised to sum to 1."""
+    total = train_ratio + val_ratio + test_ratio
+    if total <= 0:
+        raise InputError("train_ratio + val_ratio + test_ratio must be > 0", key="prep.train_ratio")
+    ids = sorted(set(source_ids))
+    random.Random(seed).shuffle(ids)
+    n = len(ids)
+    n_test = round(n * test_ratio / total)
+    n_val = round(n * val_ratio / total)
+    if test_ratio > 0 and n_test == 0 and n >= 2:
+        n_test = 1
+    if val_ratio > 0 and n_val == 0 and n - n_test >= 3:
+        n_val = 1
+    assign = {}
+    for i, sid in enumerate(ids):
+        assign[sid] = "test" if i < n_test else ("val" if i < n_test + n_val else "train")
+    return assign
+
+
+def from_sdg(sdg_path, quality_threshold: float, ratios: tuple[float, float, float], seed: int) -> PrepData:
+    """Collect passages and judged-good queries from SDG output, split by source document."""
+    records = load_sdg_records(sdg_path)
+    split_of = split_documents([r["source_id"] for r in records], *ratios, seed=seed)
+    data = PrepData()
+    total = kept = 0
+    for rec in records:
+        split = split_of[rec["source_id"]]
+        chunk_pid = {}
+        for ch in rec["chunks"]:
+            text = ch["text"].strip()
+            if not text:
+                continue
+            pid = passage_id(text)
+            chunk_pid[ch["chunk_id"]] = pid
+            data.passages.setdefault(pid, {"title": "", "text": text})
+            data.passage_splits.setdefault(pid, set()).add(split)
+        for i, (pair, ev) in enumerate(zip(rec["deduplicated_qa_pairs"], rec["qa_evaluations"]["evaluations"])):
+            total += 1
+            score = float((ev.get("overall") or {}).get("score", 0))
+            if score < quality_threshold:
+                continue
+            pos = list(dict.fromkeys(chunk_pid[s] for s in pair["segment_ids"] if s in chunk_pid))
+            if not pos:
+                continue
+            kept += 1
+            qid = "q_" + sha256_text(f"{rec['source_id']}\x00{i}\x00{pair['question']}")[:16]
+            data.queries.append({
+                "qid": qid, "question": pair["question"], "split": split, "positives": pos,
+                "source_id": rec["source_id"],
+                "metadata": {k: pair[k] for k in ("query_type", "reasoning_type", "question_complexity", "hop_count") if k in pair},
+            })
+    data.stats = {"source": "sdg", "documents": len(records), "qa_pairs": total, "qa_pairs_kept": kept,
+                  "quality_threshold": quality_threshold,
+                  "documents_per_split": {s: sum(1 for v in split_of.values() if v == s) for s in SPLITS}}
+    return data
+
+
+def from_beir(beir_dir, val_ratio: float, seed: int) -> PrepData:
+    """Labelled BEIR folder: ``qrels/train.tsv`` -> train (+ a seeded val slice), ``qrels/test.tsv`` -> test."""
+    beir_dir = Path(beir_dir)
+    for rel in ("corpus.jsonl", "queries.jsonl", "qrels/train.tsv", "qrels/test.tsv"):
+        if not (beir_dir / rel).exists():
+            raise InputError(f"labelled BEIR folder lacks {rel} (expected corpus.jsonl, queries.jsonl, qrels/train.tsv, qrels/test.tsv)",
+                             path=beir_dir, key="prep.input_beir")
+    corpus = load_corpus(beir_dir / "corpus.jsonl")
+    queries, meta = load_queries(beir_dir / "queries.jsonl")
+    data = PrepData()
+    for did, doc in corpus.items():
+        data.passages[did] = {"title": doc.get("title", ""), "text": doc["text"]}
+        data.passage_splits[did] = set()
+    splits = {}
+    for split_name in ("train", "test"):
+        path = beir_dir / "qrels" / f"{split_name}.tsv"
+        qrels = load_qrels(path)
+        check_qrels(qrels, corpus, queries, path)
+        splits[split_name] = qrels
+    train_qids = sorted(splits["train"])
+    random.Random(seed).shuffle(train_qids)
+    n_val = round(len(train_qids) * val_ratio)
+    val_set = set(train_qids[:n_val])
+    for split_name, qrels in (("train", splits["train"]), ("test", splits["test"])):
+        for qid, docs in qrels.items():
+            pos = [d for d, s in docs.items() if s > 0]
+            if not pos:
+                continue
+            split = "val" if (split_name == "train" and qid in val_set) else split_name
+            for d in pos:
+                data.passage_splits[d].add(split)
+            data.queries.append({"qid": qid, "question": queries[qid], "split": split, "positives": pos,
+                                 "metadata": meta.get(qid, {})})
+    data.stats = {"source": "beir", "beir_dir": str(beir_dir), "corpus": len(corpus),
+                  "train_qrels_queries": len(splits["train"]), "test_qrels_queries": len(splits["test"])}
+    return data
+
+
+def _allowed_for(split: str, passage_splits: list[set]):
+    """Negatives of a train query come from passages of train documents (or unlabelled ones); of a
+    val query, from anything but test. Test passages are never negatives."""
+    if split == "train":
+        return lambda i: not (passage_splits[i] & {"test", "val"})
+    return lambda i: "test" not in passage_splits[i]
+
+
+def run_prep(out_dir, prep_cfg: dict, retrieval_cfg: dict, *, seed: int = 42, sdg_path=None,
+             train_n_passages: int = 5, device: str = "auto") -> dict:
+    """Stage 1 entry point; returns the summary also written to ``prep_summary.json``."""
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    ratios = (float(prep_cfg["train_ratio"]), float(prep_cfg["val_ratio"]), float(prep_cfg["test_ratio"]))
+    if prep_cfg.get("input_beir"):
+        data = from_beir(prep_cfg["input_beir"], ratios[1] / max(1e-9, ratios[0] + ratios[1]), seed)
+    else:
+        if sdg_path is None:
+            raise InputError("no SDG output given and prep.input_beir is not set", key="prep.input_beir")
+        data = from_sdg(sdg_path, float(prep_cfg["quality_threshold"]), ratios, seed)
+
+    by_split = {s: [q for q in data.queries if q["split"] == s] for s in SPLITS}
+    if not by_split["train"]:
+        raise InputError("no training query survived the quality filter and split; lower prep.quality_threshold, "
+                         "raise sdg.num_pairs or give a larger corpus", key="prep.quality_threshold")
+    if not by_split["test"]:
+        raise InputError("the test split is empty, so stage 3 would have nothing to evaluate; raise prep.test_ratio "
+                         "or give more documents", key="prep.test_ratio")
+    warnings = []
+    if len(by_split["train"]) < 100:
+        warnings.append(f"only {len(by_split['train'])} training queries: fine-tuning will be noisy (aim for 500+)")
+    if len(by_split["test"]) < 30:
+        warnings.append(f"only {len(by_split['test'])} test queries: evaluation confidence intervals will be wide")
+    n_neg = int(prep_cfg["hard_negatives_to_mine"])
+    if n_neg < train_n_passages - 1:
+        warnings.append(f"prep.hard_negatives_to_mine={n_neg} < finetune.train_n_passages - 1 = {train_n_passages - 1}: "
+                        "training will repeat negatives")
+    for w in warnings:
+        log.warning(w)
+
+    pids = list(data.passages)
+    texts = [passage_text(data.passages[p]) for p in pids]
+    index_of = {p: i for i, p in enumerate(pids)}
+    psplits = [data.passage_splits.get(p, set()) for p in pids]
+    mine_q = by_split["train"] + by_split["val"]
+    t_mine = time.time()
+    mined = mine_hard_negatives(
+        [q["question"] for q in mine_q],
+        [[index_of[p] for p in q["positives"]] for q in mine_q],
+        pids, texts, [_allowed_for(q["split"], psplits) for q in mine_q],
+        model_name=retrieval_cfg["model"], prefixes=Prefixes.from_config(retrieval_cfg),
+        max_length=int(retrieval_cfg["max_length"]), num_negatives=n_neg, margin=float(prep_cfg["hard_neg_margin"]),
+        batch_size=int(prep_cfg.get("mining_batch_size", 128)), block_size=int(retrieval_cfg.get("search_block_size", 4096)),
+        depth=int(prep_cfg.get("mining_depth", 100)), cache_dir=retrieval_cfg.get("cache_dir"), device=device,
+    )
+    mining_seconds = time.time() - t_mine
+    if mined.short:
+        warnings.append(f"{mined.short} of {len(mine_q)} queries got fewer than {n_neg} hard negatives "
+                        "(small corpus or strict margin)")
+        log.warning(warnings[-1])
+
+    parquet = (out_dir / "corpus" / "train.parquet").resolve()
+    referenced = set()
+    records = {"train": [], "val": []}
+    for q, pos, neg in zip(mine_q, mined.positives, mined.negatives):
+        rec = {
+            "question_id": q["qid"], "question": q["question"], "corpus_id": "train",
+            "pos_doc": [{"id": pids[i], "score": round(s, 6)} for i, s in pos],
+            "neg_doc": [{"id": pids[i], "score": round(s, 6)} for i, s in neg],
+        }
+        if q.get("metadata"):
+            rec["metadata"] = q["metadata"]
+        referenced.update(d["id"] for d in rec["pos_doc"] + rec["neg_doc"])
+        records[q["split"]].append(rec)
+
+    def wrap(recs):
+        return {"corpus": {"path": str(parquet)}, "data": recs}
+
+    unrolled = []
+    for rec in records["train"]:
+        for i, pos in enumerate(rec["pos_doc"]):
+            unrolled.append({**rec, "question_id": f"{rec['question_id']}_{i}", "pos_doc": [pos]})
+
+    train_pids = [p for i, p in enumerate(pids) if p in referenced or "test" not in psplits[i]]
+    _write_parquet(parquet, train_pids, [texts[index_of[p]] for p in train_pids])
+    write_json(out_dir / "train.json", wrap([{k: v for k, v in r.items() if k != "neg_doc"} for r in records["train"]]))
+    write_json(out_dir / "val.json", wrap(records["val"]))
+    write_json(out_dir / "train_mined.automodel.json", wrap(records["train"]))
+    write_json(out_dir / "train_mined.automodel_unrolled.json", wrap(unrolled))
+
+    test_q = by_split["test"]
+    qrels = {q["qid"]: {p: 1 for p in q["positives"]} for q in test_q}
+    write_beir(out_dir / "eval_beir", data.passages, {q["qid"]: q["question"] for q in test_q}, qrels,
+               query_meta={q["qid"]: q.get("metadata") or {} for q in test_q})
+
+    summary = {
+        **data.stats,
+        "queries_per_split": {s: len(v) for s, v in by_split.items()},
+        "passages": len(pids), "train_corpus_passages": len(train_pids),
+        "unrolled_records": len(unrolled),
+        "hard_negatives_to_mine": n_neg, "hard_neg_margin": prep_cfg["hard_neg_margin"],
+        "dropped_as_false_negatives": mined.dropped_as_false_negative,
+        "queries_short_of_negatives": mined.short,
+        "mining": {**mined.stats, "seconds": round(mining_seconds, 2),
+                   "passages_per_s": round(len(pids) / max(mining_seconds, 1e-9), 1)},
+        "retrieval_model": retrieval_cfg["model"],
+        "warnings": warnings, "seconds": round(time.time() - t0, 2),
+    }
+    write_json(out_dir / "prep_summary.json", summary)
+    return summary
+
+
+def _write_parquet(path: Path, ids: list[str], texts: list[str]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"id": pa.array(ids, pa.string()), "text": pa.array(texts, pa.string())})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)

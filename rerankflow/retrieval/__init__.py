@@ -1,0 +1,1 @@
+"""First-stage retrieval: embedders with a safe cache, FAISS search, the candidates rerankers reorder."""

@@ -1,0 +1,163 @@
+"""Dense embeddings with a safe on-disk cache, and exact inner-product search with FAISS in blocks.
+
+Cache key = sha256 over (resolved model + its weights' size/mtime, query and passage prefixes,
+max length, normalisation, corpus hash over every (id, text)). A changed corpus, model or prefix
+therefore can never reuse stale vectors (NVIDIA's recipe does). Vectors are stored as ``.npy``
+and opened memory-mapped, and the search walks the corpus in blocks of ``block_size`` rows, so
+resident memory is bounded by the block size rather than the corpus size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from rerankflow.formatting import Prefixes
+from rerankflow.io import atomic_path, write_json
+from rerankflow.models import load_embedder, pick_device, resolve_model_path
+
+log = logging.getLogger(__name__)
+
+
+def corpus_hash(ids: Sequence[str], texts: Sequence[str]) -> str:
+    """Order-sensitive sha256 over every (id, text) of a corpus."""
+    h = hashlib.sha256()
+    for did, text in zip(ids, texts):
+        h.update(str(did).encode("utf-8"))
+        h.update(b"\x00")
+        h.update(text.encode("utf-8"))
+        h.update(b"\x01")
+    return h.hexdigest()
+
+
+def _model_fingerprint(model_name: str) -> dict:
+    path = resolve_model_path(model_name)
+    fp = {"model": path}
+    p = Path(path)
+    if p.is_dir():
+        for f in sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin")):
+            st = f.stat()
+            fp[f.name] = [st.st_size, int(st.st_mtime)]
+    return fp
+
+
+def cache_key(model_name: str, prefixes: Prefixes, max_length: int, chash: str, normalize: bool = True) -> str:
+    """The cache key of a corpus embedding (see module docstring)."""
+    payload = {
+        "model": _model_fingerprint(model_name),
+        "query_prefix": prefixes.query_prefix,
+        "passage_prefix": prefixes.passage_prefix,
+        "max_length": int(max_length),
+        "normalize": bool(normalize),
+        "corpus": chash,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _encode(model, texts: Sequence[str], batch_size: int) -> np.ndarray:
+    emb = model.encode(
+        list(texts),
+        batch_size=batch_size,
+        convert_to_numpy=True,
+        normalize_embeddings=True,
+        show_progress_bar=len(texts) > batch_size,
+    )
+    return np.ascontiguousarray(emb, dtype=np.float32)
+
+
+def embed_corpus(
+    ids: Sequence[str],
+    texts: Sequence[str],
+    model_name: str,
+    prefixes: Prefixes,
+    max_length: int,
+    batch_size: int = 64,
+    cache_dir: str | os.PathLike | None = None,
+    device: str = "auto",
+    model=None,
+) -> np.ndarray:
+    """Embed passages (with the passage prefix), L2-normalised float32 ``[len(texts), dim]``.
+
+    With ``cache_dir`` the result is stored under its cache key and returned memory-mapped;
+    a later call with the same key loads it instead of embedding again.
+    """
+    if len(ids) != len(texts):
+        raise ValueError("ids and texts differ in length")
+    key = cache_key(model_name, prefixes, max_length, corpus_hash(ids, texts))
+    npy = Path(cache_dir) / f"{key}.npy" if cache_dir else None
+    if npy is not None and npy.exists():
+        arr = np.load(npy, mmap_mode="r")
+        if arr.shape[0] == len(texts):
+            log.info("embedding cache hit %s (%d passages)", npy.name, len(texts))
+            return arr
+    if model is None:
+        model = load_embedder(model_name, max_length, device)
+    log.info("embedding %d passages with %s", len(texts), model_name)
+    emb = _encode(model, [prefixes.passage(t) for t in texts], batch_size)
+    if npy is None:
+        return emb
+    with atomic_path(npy) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, emb)
+    write_json(npy.with_suffix(".json"), {
+        "key": key, "model": model_name, "query_prefix": prefixes.query_prefix,
+        "passage_prefix": prefixes.passage_prefix, "max_length": int(max_length), "count": len(texts),
+    })
+    return np.load(npy, mmap_mode="r")
+
+
+def embed_queries(texts: Sequence[str], model_name: str, prefixes: Prefixes, max_length: int,
+                  batch_size: int = 64, device: str = "auto", model=None) -> np.ndarray:
+    """Embed queries (with the query prefix), L2-normalised float32."""
+    if model is None:
+        model = load_embedder(model_name, max_length, device)
+    return _encode(model, [prefixes.query(t) for t in texts], batch_size)
+
+
+def _gpu_resources():
+    import faiss
+
+    if pick_device("auto") != "cuda" or not hasattr(faiss, "StandardGpuResources"):
+        return None
+    try:
+        if faiss.get_num_gpus() < 1:
+            return None
+        return faiss.StandardGpuResources()
+    except Exception:  # faiss-cpu builds lack the GPU symbols
+        return None
+
+
+def search(query_emb: np.ndarray, corpus_emb: np.ndarray, top_k: int, block_size: int = 4096):
+    """Exact inner-product top-k of every query over the corpus, corpus walked in blocks.
+
+    Returns ``(scores, indices)`` of shape ``[n_queries, min(top_k, n_corpus)]``, best first.
+    Memory: one block of corpus vectors plus ``n_queries x 2k`` running results.
+    """
+    import faiss
+
+    q = np.ascontiguousarray(query_emb, dtype=np.float32)
+    n, dim = corpus_emb.shape
+    k = min(int(top_k), n)
+    best_s = np.full((q.shape[0], 0), -np.inf, dtype=np.float32)
+    best_i = np.zeros((q.shape[0], 0), dtype=np.int64)
+    gpu = _gpu_resources()
+    for start in range(0, n, block_size):
+        block = np.ascontiguousarray(corpus_emb[start:start + block_size], dtype=np.float32)
+        index = faiss.IndexFlatIP(dim)
+        if gpu is not None:
+            index = faiss.index_cpu_to_gpu(gpu, 0, index)
+        index.add(block)
+        s, i = index.search(q, min(k, block.shape[0]))
+        i = np.where(i >= 0, i + start, -1)
+        best_s = np.concatenate([best_s, s], axis=1)
+        best_i = np.concatenate([best_i, i], axis=1)
+        order = np.argsort(-best_s, axis=1, kind="stable")[:, :k]
+        best_s = np.take_along_axis(best_s, order, axis=1)
+        best_i = np.take_along_axis(best_i, order, axis=1)
+    return best_s, best_i

@@ -1,0 +1,480 @@
+"""Stage 0, ``llm`` backend: synthetic QA generation with any OpenAI-compatible chat endpoint.
+
+Per document (NVIDIA's recipe, plus a round-trip filter):
+
+1. chunk into numbered segments (``sentences_per_chunk``, :func:`rerankflow.sdg.chunking.chunk_document`);
+2. **generation** call: ``num_pairs`` pairs with the configured query-type mix, reasoning types and
+   complexity floor, each citing its segment ids (:mod:`rerankflow.sdg.prompts`); invalid pairs are
+   dropped and counted, a reply that is not the requested JSON is asked again (``max_parse_retries``);
+3. **round-trip consistency filter** (Promptagator, Dai et al. 2022; NVIDIA's recipe lacks it): the
+   retrieval embedder (``retrieval.model`` with the shared query/passage prefixes) must rank one of
+   the question's cited chunks within ``round_trip_top_k``. ``round_trip_scope: corpus`` (default,
+   as in Promptagator) searches every chunk of every document — a retrieved chunk whose text equals a
+   cited chunk's text counts as a hit, so boilerplate repeated across files is not punished;
+   ``document`` searches only the question's own document (cheaper, weaker: a document with no more
+   than ``round_trip_top_k`` chunks passes everything). It runs *before* the judge, so no judge
+   tokens are spent on questions that are dropped anyway;
+4. **judge** call: one per document, scoring every surviving pair (relevance, accuracy,
+   context_support, clarity, overall; 1-10 with justification), strict JSON, same retry rule.
+
+A document whose generation or judge reply stays unusable after ``max_parse_retries`` retries, or
+whose call fails after its transport retries, is counted as failed and left out; the run goes on.
+A 401/403/404 stops the run (no other document could succeed). Calls cost, per run:
+``documents x (1 generation + 1 judge) + parse retries`` requests (transport retries re-send the same
+request); the cache (see :mod:`rerankflow.sdg.llm_client`) makes a re-run after a kill or crash repeat
+none of the finished ones.
+
+Entry points: :func:`generate_llm` (called by :func:`rerankflow.sdg.run.run_sdg` for ``backend: llm``),
+:func:`preview_llm` and ``python -m rerankflow.sdg.llm --preview`` (a few documents, printed,
+nothing persisted: the cache is read but not written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import random
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+from tqdm import tqdm
+
+from rerankflow.sdg.chunking import chunk_document
+from rerankflow.sdg.corpus import Document
+from rerankflow.errors import InputError
+from rerankflow.sdg.llm_client import (CallCache, CallStats, LLMCallError, LLMClient, LLMFatalError, RetryPolicy, register_secret,
+                         request_key, scrub)
+from rerankflow.sdg.prompts import (QUERY_TYPES, ParseError, correction_messages, generation_messages, judge_messages,
+                          parse_generation, parse_judge)
+
+log = logging.getLogger(__name__)
+
+DEFAULTS: dict = {
+    "base_url": "https://integrate.api.nvidia.com/v1",
+    "model": "nvidia/nemotron-3-nano-30b-a3b",
+    "api_key_env": "NVIDIA_API_KEY",
+    "temperature": 0.6,
+    "top_p": 0.95,
+    "max_tokens": None,
+    "timeout": 120,
+    "extra_body": {},
+    "max_parallel_requests": 4,
+    "max_retries": 6,
+    "retry_backoff_initial": 1.0,
+    "retry_backoff_max": 60.0,
+    "max_retry_after": 300.0,
+    "max_parse_retries": 2,
+    "judge": {"model": None, "base_url": None, "api_key_env": None, "temperature": 0.2},
+    "query_types": {"multi_hop": 0.4, "structural": 0.2, "contextual": 0.4},
+    "reasoning_types": ["factual", "relational", "inferential", "procedural", "causal", "temporal"],
+    "min_complexity": 2,
+    "round_trip_filter": True,
+    "round_trip_top_k": 5,
+    "round_trip_scope": "corpus",
+    "cache_dir": None,
+}
+
+
+def llm_settings(sdg_cfg: dict) -> dict:
+    """``sdg.llm`` merged over :data:`DEFAULTS` (unknown keys are an error naming the key)."""
+    user = sdg_cfg.get("llm") or {}
+    unknown = sorted(set(user) - set(DEFAULTS))
+    if unknown:
+        raise InputError(f"unknown key(s) {unknown}; expected some of {sorted(DEFAULTS)}", key="sdg.llm")
+    cfg = copy.deepcopy(DEFAULTS)
+    for k, v in user.items():
+        if k == "judge" and isinstance(v, dict):
+            bad = sorted(set(v) - set(DEFAULTS["judge"]))
+            if bad:
+                raise InputError(f"unknown key(s) {bad}; expected some of {sorted(DEFAULTS['judge'])}", key="sdg.llm.judge")
+            cfg["judge"].update(v)
+        else:
+            cfg[k] = v
+    mix = cfg["query_types"]
+    if not isinstance(mix, dict) or set(mix) - set(QUERY_TYPES) or not any(float(w) > 0 for w in mix.values()):
+        raise InputError(f"expected weights >= 0 for some of {list(QUERY_TYPES)}, at least one > 0; got {mix!r}",
+                         key="sdg.llm.query_types")
+    if not cfg["reasoning_types"]:
+        raise InputError("needs at least one reasoning type", key="sdg.llm.reasoning_types")
+    if cfg["round_trip_scope"] not in ("corpus", "document"):
+        raise InputError(f"expected 'corpus' or 'document', got {cfg['round_trip_scope']!r}", key="sdg.llm.round_trip_scope")
+    return cfg
+
+
+def resolve_api_key(env_name: str | None, key_name: str) -> str | None:
+    """The key from environment variable ``env_name``; ``""``/None = endpoint without a key.
+
+    An unset or empty variable is refused here, before any request, with a message naming it.
+    """
+    if not env_name:
+        return None
+    value = os.environ.get(env_name, "")
+    if not value.strip():
+        raise InputError(
+            f"environment variable {env_name} is not set, so no request was made. Export your API key "
+            f"(e.g. `export {env_name}=...`), or set {key_name} to another variable name, or to \"\" for a "
+            "local server that needs no key (vLLM, Ollama)", key=key_name)
+    register_secret(value)
+    return value
+
+
+def plan_query_types(num_pairs: int, mix: dict, n_chunks: int, rng: random.Random) -> dict[str, int]:
+    """How many questions of each type to ask for: floors of ``num_pairs x weight``, the remainder
+    drawn (seeded) in proportion to the weights; multi-hop needs two segments, so a one-chunk
+    document gets contextual questions instead."""
+    weights = {t: max(0.0, float(mix.get(t, 0))) for t in QUERY_TYPES}
+    if n_chunks < 2 and weights["multi_hop"] > 0:
+        weights["contextual"] += weights["multi_hop"]
+        weights["multi_hop"] = 0.0
+    total = sum(weights.values())
+    counts = {t: int(num_pairs * w / total) for t, w in weights.items()}
+    rest = num_pairs - sum(counts.values())
+    pool = {t: num_pairs * w / total - counts[t] for t, w in weights.items() if w > 0}
+    while rest > 0 and pool:
+        types = sorted(pool)
+        pick = rng.choices(types, weights=[pool[t] + 1e-9 for t in types])[0]
+        counts[pick] += 1
+        pool.pop(pick)
+        rest -= 1
+    if rest > 0:
+        best = max(weights, key=weights.get)
+        counts[best] += rest
+    return counts
+
+
+def _call_with_parse_retries(client: LLMClient, messages: list[dict], params: dict, parse, max_parse_retries: int,
+                             counters: dict):
+    """Call, parse; on :class:`ParseError` ask again with the problem explained, up to the bound."""
+    convo = messages
+    for attempt in range(max_parse_retries + 1):
+        res = client.chat(convo, **params)
+        try:
+            return parse(res["content"])
+        except ParseError as err:
+            exc = err
+            if res.get("finish_reason") == "length":
+                exc = ParseError(f"{err} (the reply was cut off at the token limit: raise sdg.llm.max_tokens)")
+            with counters["lock"]:
+                counters["parse_failures"] += 1
+                if attempt < max_parse_retries:
+                    counters["parse_retries"] += 1
+            if attempt == max_parse_retries:
+                raise exc from None
+            log.info("unusable reply (%s); asking again (%d/%d)", exc, attempt + 1, max_parse_retries)
+            # The conversation grows with each unusable reply, so every retry is a new request (an
+            # identical one would be answered from the cache with the same unusable reply).
+            convo = correction_messages(convo, res["content"], str(exc))
+    raise AssertionError("unreachable")
+
+
+def _embed_round_trip(items, docs_chunks, retrieval_cfg: dict, top_k: int, scope: str, device: str) -> list[list[bool]]:
+    """For each (doc index, pairs) item, a keep flag per pair (see module docstring)."""
+    import numpy as np
+
+    from rerankflow.retrieval.embedding import embed_corpus, embed_queries, search
+    from rerankflow.formatting import Prefixes
+    from rerankflow.models import load_embedder
+
+    model_name = retrieval_cfg["model"]
+    max_length = int(retrieval_cfg.get("max_length", 256))
+    batch = int(retrieval_cfg.get("batch_size", 64))
+    prefixes = Prefixes.from_config(retrieval_cfg)
+    model = load_embedder(model_name, max_length, device)
+    rows, norm_texts, doc_range = [], [], {}
+    for di, chunks in enumerate(docs_chunks):
+        start = len(rows)
+        for c in chunks:
+            rows.append((di, c["chunk_id"]))
+            norm_texts.append(" ".join(c["text"].split()))
+        doc_range[di] = (start, len(rows))
+    ids = [f"{di}:{cid}" for di, cid in rows]
+    corpus_emb = embed_corpus(ids, norm_texts, model_name, prefixes, max_length, batch,
+                              retrieval_cfg.get("cache_dir") or None, device, model=model)
+    questions = [p["question"] for _di, pairs in items for p in pairs]
+    q_emb = embed_queries(questions, model_name, prefixes, max_length, batch, device, model=model)
+    keeps, qpos = [], 0
+    for di, pairs in items:
+        start, end = doc_range[di]
+        qe = q_emb[qpos:qpos + len(pairs)]
+        qpos += len(pairs)
+        if scope == "document":
+            _s, idx = search(qe, np.asarray(corpus_emb[start:end]), top_k)
+            idx = np.where(idx >= 0, idx + start, -1)
+        else:
+            _s, idx = search(qe, corpus_emb, top_k)
+        flags = []
+        for p, hits in zip(pairs, idx):
+            cited_rows = {start + s - 1 for s in p["segment_ids"]}  # chunk ids are 1..n in document order
+            cited_texts = {norm_texts[r] for r in cited_rows}
+            flags.append(any(h >= 0 and (h in cited_rows or norm_texts[h] in cited_texts) for h in hits))
+        keeps.append(flags)
+    return keeps
+
+
+def _log_preflight(pre: dict) -> None:
+    log.info(
+        "LLM SDG preflight: %d documents (%d characters, %d segments), %d pairs asked per document; "
+        "expected calls: %d (%d generation + %d judge) plus parse retries (at most %d each); "
+        "%d generation calls already cached; generation %s @ %s, judge %s @ %s",
+        pre["documents"], pre["characters"], pre["segments"], pre["num_pairs"], pre["expected_calls"],
+        pre["expected_calls"] // 2, pre["expected_calls"] // 2, pre["max_parse_retries"], pre["generation_cached"],
+        pre["model"], pre["base_url"], pre["judge_model"], pre["judge_base_url"],
+    )
+
+
+def generate_llm(docs: list[Document], sdg_cfg: dict, retrieval_cfg: dict, seed: int = 42, *, out_dir=None,
+                 device: str = "auto", preview: bool | None = None) -> tuple[list[dict], dict]:
+    """Generate SDG records for ``docs`` with the configured LLM; returns ``(records, summary)``.
+
+    Records are in the SDG record format of :mod:`rerankflow.sdg.run` (chunks still carry the internal
+    ``sentences`` key; ``run_sdg`` strips it and removes near-duplicate questions). Documents that
+    failed are left out and listed in the summary. ``preview`` (default ``sdg.preview``) keeps the
+    first ``sdg.preview_documents`` documents and writes nothing, not even the cache; called from
+    ``run_sdg`` in preview mode it prints the preview and then raises :class:`InputError`, so the
+    Snakemake rule leaves no output behind.
+
+    The cache lives in ``sdg.llm.cache_dir``, else ``<out_dir>/.llm_cache``, else ``./.llm_cache``.
+    """
+    cfg = llm_settings(sdg_cfg)
+    raise_after_preview = preview is None and bool(sdg_cfg.get("preview", False))
+    preview = bool(sdg_cfg.get("preview", False)) if preview is None else preview
+    if preview:
+        docs = docs[: int(sdg_cfg.get("preview_documents", 2))]
+    num_pairs = int(sdg_cfg["num_pairs"])
+    spc = int(sdg_cfg["sentences_per_chunk"])
+    judge_cfg = cfg["judge"]
+    judge_base = judge_cfg.get("base_url") or cfg["base_url"]
+    judge_model = judge_cfg.get("model") or cfg["model"]
+    judge_env = judge_cfg.get("api_key_env") if judge_cfg.get("api_key_env") is not None else cfg["api_key_env"]
+
+    # --- preflight: no request before this has passed -------------------------------------------
+    gen_key = resolve_api_key(cfg["api_key_env"], "sdg.llm.api_key_env")
+    judge_key = gen_key if judge_env == cfg["api_key_env"] else resolve_api_key(judge_env, "sdg.llm.judge.api_key_env")
+    cache_dir = cfg["cache_dir"] or (Path(out_dir) / ".llm_cache" if out_dir else None)
+    if cache_dir is None:
+        cache_dir = Path(".llm_cache")
+        log.warning("sdg.llm.cache_dir is not set and no output folder was given: caching calls in %s",
+                    cache_dir.resolve())
+    cache = CallCache(cache_dir, read_only=preview)
+    stats = CallStats()
+    retry = RetryPolicy(int(cfg["max_retries"]), float(cfg["retry_backoff_initial"]), float(cfg["retry_backoff_max"]),
+                        float(cfg["max_retry_after"]))
+    gen_client = LLMClient(cfg["base_url"], cfg["model"], gen_key, timeout=float(cfg["timeout"]), retry=retry,
+                           cache=cache, stats=stats, seed=seed)
+    judge_client = LLMClient(judge_base, judge_model, judge_key, timeout=float(cfg["timeout"]), retry=retry,
+                             cache=cache, stats=stats, seed=seed + 1)
+    gen_params = {"temperature": cfg["temperature"], "top_p": cfg["top_p"], "max_tokens": cfg["max_tokens"],
+                  "extra_body": cfg["extra_body"]}
+    judge_params = {**gen_params, "temperature": judge_cfg.get("temperature", cfg["temperature"])}
+
+    docs_chunks, gen_msgs = [], []
+    for doc in docs:
+        chunks = chunk_document(doc.text, spc)
+        rng = random.Random(f"{seed}:{doc.source_id}")
+        counts = plan_query_types(num_pairs, cfg["query_types"], len(chunks), rng)
+        docs_chunks.append(chunks)
+        gen_msgs.append(generation_messages(doc.file_name, chunks, counts, list(cfg["reasoning_types"]),
+                                            int(cfg["min_complexity"])) if chunks else None)
+    active = [i for i, m in enumerate(gen_msgs) if m is not None]
+    pre = {
+        "documents": len(docs), "characters": sum(len(d.text) for d in docs),
+        "segments": sum(len(c) for c in docs_chunks), "num_pairs": num_pairs,
+        "expected_calls": 2 * len(active), "max_parse_retries": int(cfg["max_parse_retries"]),
+        "generation_cached": sum(request_key(gen_client.payload(gen_msgs[i], **gen_params)) in cache for i in active),
+        "model": cfg["model"], "base_url": scrub(cfg["base_url"]),
+        "judge_model": judge_model, "judge_base_url": scrub(judge_base), "preview": preview,
+    }
+    _log_preflight(pre)
+    if len(active) < len(docs):
+        log.warning("%d documents have no sentence to chunk and are skipped", len(docs) - len(active))
+
+    counters = {"parse_failures": 0, "parse_retries": 0, "lock": threading.Lock()}
+    failures: dict[str, str] = {}
+    dropped: dict[str, int] = {}
+    workers = max(1, int(cfg["max_parallel_requests"]))
+    rt = cfg["reasoning_types"]
+    min_cx = int(cfg["min_complexity"])
+    max_pr = int(cfg["max_parse_retries"])
+
+    def gen_one(i):
+        ids = {c["chunk_id"] for c in docs_chunks[i]}
+        return _call_with_parse_retries(
+            gen_client, gen_msgs[i], gen_params,
+            lambda text: parse_generation(text, ids, rt, min_cx, num_pairs), max_pr, counters)
+
+    def judge_one(i, pairs):
+        msgs = judge_messages(docs[i].file_name, docs_chunks[i], pairs)
+        return _call_with_parse_retries(judge_client, msgs, judge_params, lambda text: parse_judge(text, len(pairs)),
+                                        max_pr, counters)
+
+    def run_phase(fn, jobs: dict, desc: str) -> dict:
+        results = {}
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            futs = {pool.submit(fn, i, *args): i for i, args in jobs.items()}
+            try:
+                for fut in tqdm(as_completed(futs), total=len(futs), desc=desc, unit="doc", file=sys.stderr):
+                    i = futs[fut]
+                    try:
+                        results[i] = fut.result()
+                    except LLMFatalError:
+                        raise
+                    except (ParseError, LLMCallError) as exc:
+                        failures[docs[i].source_id] = f"{desc}: {scrub(exc)}"
+                        log.warning("document %s failed (%s): %s", docs[i].source_id, desc, scrub(exc))
+            except LLMFatalError as exc:
+                for f in futs:
+                    f.cancel()
+                raise InputError(f"stopping the run: {scrub(exc)}", key="sdg.llm") from None
+        return results
+
+    t0 = time.time()
+    generated = run_phase(lambda i: gen_one(i), {i: () for i in active}, "generation")
+    pairs_by_doc: dict[int, list[dict]] = {}
+    for i, (pairs, drop) in generated.items():
+        pairs_by_doc[i] = pairs
+        for k, v in drop.items():
+            dropped[k] = dropped.get(k, 0) + v
+    n_generated = sum(len(p) for p in pairs_by_doc.values())
+
+    rt_dropped = 0
+    if cfg["round_trip_filter"] and n_generated:
+        items = [(i, pairs_by_doc[i]) for i in sorted(pairs_by_doc) if pairs_by_doc[i]]
+        keeps = _embed_round_trip(items, docs_chunks, retrieval_cfg, int(cfg["round_trip_top_k"]),
+                                  cfg["round_trip_scope"], device)
+        for (i, pairs), flags in zip(items, keeps):
+            pairs_by_doc[i] = [p for p, k in zip(pairs, flags) if k]
+            rt_dropped += len(pairs) - len(pairs_by_doc[i])
+        log.info("round-trip filter (top %d, scope %s): dropped %d of %d questions", cfg["round_trip_top_k"],
+                 cfg["round_trip_scope"], rt_dropped, n_generated)
+
+    judged = run_phase(judge_one, {i: (p,) for i, p in pairs_by_doc.items() if p}, "judge")
+
+    records = []
+    for i in sorted(pairs_by_doc):
+        pairs = pairs_by_doc[i]
+        if pairs and i not in judged:
+            continue  # judge failed: the document is counted as failed and left out
+        doc = docs[i]
+        records.append({
+            "file_name": doc.file_name,
+            "source_id": doc.source_id,
+            "text": doc.text,
+            "chunks": docs_chunks[i],
+            "deduplicated_qa_pairs": pairs,
+            "qa_evaluations": {"evaluations": judged.get(i, [])},
+        })
+    call_stats = stats.as_dict()
+    summary = {
+        "model": cfg["model"], "base_url": scrub(cfg["base_url"]),
+        "judge_model": judge_model, "judge_base_url": scrub(judge_base),
+        "documents": len(docs), "documents_ok": len(records), "documents_failed": len(failures),
+        "failed_documents": dict(sorted(failures.items())),
+        "expected_calls": pre["expected_calls"],
+        **call_stats,
+        "parse_failures": counters["parse_failures"], "parse_retries": counters["parse_retries"],
+        "pairs_generated": n_generated, "pairs_dropped_invalid": dict(sorted(dropped.items())),
+        "round_trip": {"enabled": bool(cfg["round_trip_filter"]), "top_k": int(cfg["round_trip_top_k"]),
+                       "scope": cfg["round_trip_scope"], "dropped": rt_dropped},
+        "pairs_kept": sum(len(r["deduplicated_qa_pairs"]) for r in records),
+        "cache_dir": None if preview else str(cache_dir),
+        "seconds": round(time.time() - t0, 2),
+    }
+    log.info("LLM SDG summary: %s", json.dumps({k: v for k, v in summary.items() if k != "failed_documents"}))
+    if not records and active:
+        raise InputError(
+            f"every document failed ({len(failures)}); first failures: "
+            f"{list(failures.items())[:3]} — nothing to write. Finished calls are cached in {cache_dir}",
+            key="sdg.llm")
+    if raise_after_preview:
+        _print_records(records, summary)
+        raise InputError(
+            f"sdg.preview is true: generated {len(records)} preview record(s) (printed above) and wrote nothing. "
+            "Set sdg.preview: false to generate and write the dataset", key="sdg.preview")
+    return records, summary
+
+
+def _print_records(records: list[dict], summary: dict, stream=None) -> None:
+    stream = stream or sys.stdout
+    for rec in records:
+        view = {k: rec[k] for k in ("source_id", "file_name", "deduplicated_qa_pairs", "qa_evaluations")}
+        view["num_chunks"] = len(rec["chunks"])
+        print(json.dumps(view, indent=2, ensure_ascii=False), file=stream)
+    print(json.dumps({"summary": summary}, indent=2, ensure_ascii=False), file=stream)
+    stream.flush()
+
+
+def preview_llm(corpus_dir, corpus_cfg: dict, sdg_cfg: dict, retrieval_cfg: dict, seed: int = 42,
+                device: str = "auto", stream=None) -> list[dict]:
+    """Generate for ``sdg.preview_documents`` documents, print the records, persist nothing."""
+    from rerankflow.sdg.corpus import load_documents
+
+    docs = load_documents(corpus_dir, corpus_cfg.get("file_extensions", [".txt", ".md", ".text"]),
+                          corpus_cfg.get("min_text_length", 0), corpus_cfg.get("max_documents", 0))
+    records, summary = generate_llm(docs, sdg_cfg, retrieval_cfg, seed=seed, device=device, preview=True)
+    _print_records(records, summary, stream)
+    return records
+
+
+def _deep_update(base: dict, new: dict) -> dict:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_update(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def main(argv=None) -> int:
+    """``python -m rerankflow.sdg.llm --configfile C [--configfile C2] [--corpus DIR] (--preview | --out DIR)``."""
+    import yaml
+
+    ap = argparse.ArgumentParser(prog="python -m rerankflow.sdg.llm", description=(
+        "Stage 0 with the llm backend outside Snakemake. --preview generates for sdg.preview_documents "
+        "documents and prints them, writing nothing; otherwise the full stage 0 runs and writes to --out."))
+    ap.add_argument("--configfile", action="append",
+                    help="workflow config (YAML); repeatable, later files override (default config/config.yaml)")
+    ap.add_argument("--corpus", help="corpus folder (default: corpus.dir of the config)")
+    ap.add_argument("--out", help="output folder of a full run (default: <output_dir>/stage0_sdg)")
+    ap.add_argument("--preview", action="store_true", help="preview: generate, print, persist nothing")
+    ap.add_argument("--documents", type=int, help="documents to preview (default sdg.preview_documents)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    conf: dict = {}
+    for path in args.configfile or ["config/config.yaml"]:
+        _deep_update(conf, yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {})
+    corpus_cfg, sdg_cfg, retrieval_cfg = conf.get("corpus", {}), dict(conf.get("sdg", {})), conf.get("retrieval", {})
+    sdg_cfg["backend"] = "llm"
+    corpus = args.corpus or corpus_cfg.get("dir")
+    if not corpus:
+        raise InputError("no corpus folder: pass --corpus DIR", key="corpus.dir")
+    try:
+        if args.preview:
+            if args.documents:
+                sdg_cfg["preview_documents"] = args.documents
+            preview_llm(corpus, corpus_cfg, sdg_cfg, retrieval_cfg, conf.get("seed", 42), conf.get("device", "auto"))
+        else:
+            from rerankflow.sdg.run import run_sdg
+
+            sdg_cfg["preview"] = False
+            out = args.out or str(Path(conf.get("output_dir", "output/rerank")) / "stage0_sdg")
+            llm = dict(sdg_cfg.get("llm") or {})
+            if not llm.get("cache_dir"):
+                llm["cache_dir"] = str(Path(out) / ".llm_cache")
+            sdg_cfg["llm"] = llm
+            manifest = run_sdg(corpus, out, corpus_cfg, sdg_cfg, retrieval_cfg, conf.get("seed", 42),
+                               conf.get("device", "auto"))
+            print(f"wrote {manifest}")
+    except InputError as exc:
+        print(f"error: {scrub(exc)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Stage 0 (synthetic data generation): the record format shared by every backend, near-duplicate
+removal, and the writer of ``<dataset>.jsonl`` + ``generation_result.json``.
+
+One JSON record per source document (NVIDIA's SDG format)::
+
+    {"file_name", "source_id", "text",
+     "chunks": [{"chunk_id" (1-based), "text", "start", "end"}],
+     "deduplicated_qa_pairs": [{"question", "answer", "query_type", "reasoning_type",
+                                 "question_complexity", "segment_ids": [...], "hop_count"}],
+     "qa_evaluations": {"evaluations": [{"relevance"|"accuracy"|"context_support"|"clarity":
+                                          {"score": 1-10, "justification"},
+                                          "overall": {"score", "assessment"}}]}}
+
+``qa_evaluations.evaluations[i]`` judges ``deduplicated_qa_pairs[i]``. Stage 1 does not care which
+backend produced the records.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from rerankflow.errors import InputError
+from rerankflow.io import iter_jsonl_numbered, read_json, write_json, write_jsonl
+
+log = logging.getLogger(__name__)
+
+JUDGE_CRITERIA = ("relevance", "accuracy", "context_support", "clarity")
+MANIFEST_NAME = "generation_result.json"
+
+
+def near_duplicate_mask(questions: Sequence[str], embedder_name: str, threshold: float, max_length: int = 128,
+                        batch_size: int = 64, device: str = "auto", model=None) -> np.ndarray:
+    """Boolean mask of questions to keep: a question whose embedding cosine with an earlier kept
+    question exceeds ``threshold`` is dropped (first occurrence wins)."""
+    from rerankflow.retrieval.embedding import embed_queries, search
+    from rerankflow.formatting import Prefixes
+
+    n = len(questions)
+    keep = np.ones(n, dtype=bool)
+    if n < 2:
+        return keep
+    emb = embed_queries(list(questions), embedder_name, Prefixes(), max_length, batch_size, device, model=model)
+    k = min(n, 32)
+    scores, idx = search(emb, emb, k)
+    for i in range(n):
+        for s, j in zip(scores[i], idx[i]):
+            if j < 0 or j >= i or s <= threshold:
+                continue
+            if keep[j]:
+                keep[i] = False
+                break
+    return keep
+
+
+def apply_dedup(records: list[dict], keep: np.ndarray) -> tuple[list[dict], int]:
+    """Drop the pairs (and their aligned evaluations) masked out by ``keep`` (flat over records)."""
+    pos = 0
+    dropped = 0
+    for rec in records:
+        pairs = rec["deduplicated_qa_pairs"]
+        evals = rec["qa_evaluations"]["evaluations"]
+        m = keep[pos:pos + len(pairs)]
+        pos += len(pairs)
+        rec["deduplicated_qa_pairs"] = [p for p, k in zip(pairs, m) if k]
+        rec["qa_evaluations"]["evaluations"] = [e for e, k in zip(evals, m) if k]
+        dropped += int((~m).sum())
+    return records, dropped
+
+
+def public_chunks(chunks: list[dict]) -> list[dict]:
+    """Chunks as written to the record (internal keys such as ``sentences`` removed)."""
+    return [{"chunk_id": c["chunk_id"], "text": c["text"], "start": c["start"], "end": c["end"]} for c in chunks]
+
+
+def write_sdg_output(out_dir, dataset_name: str, records: list[dict], summary: dict) -> Path:
+    """Write ``<dataset>.jsonl`` and the manifest ``generation_result.json`` (atomically, JSONL first)."""
+    out_dir = Path(out_dir)
+    jsonl = out_dir / f"{dataset_name}.jsonl"
+    write_jsonl(jsonl, records)
+    manifest = {
+        "dataset_name": dataset_name,
+        "output_file": jsonl.name,
+        "num_documents": len(records),
+        "num_qa_pairs": sum(len(r["deduplicated_qa_pairs"]) for r in records),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **summary,
+    }
+    write_json(out_dir / MANIFEST_NAME, manifest)
+    return out_dir / MANIFEST_NAME
+
+
+def validate_record(rec: dict, path, line: int) -> None:
+    """Check one SDG record's shape; raise InputError naming file and line."""
+    for key in ("source_id", "text", "chunks", "deduplicated_qa_pairs", "qa_evaluations"):
+        if key not in rec:
+            raise InputError(f"SDG record lacks '{key}'", path=path, line=line)
+    ids = {c.get("chunk_id") for c in rec["chunks"]}
+    pairs = rec["deduplicated_qa_pairs"]
+    evals = rec["qa_evaluations"].get("evaluations", []) if isinstance(rec["qa_evaluations"], dict) else None
+    if evals is None or len(evals) != len(pairs):
+        raise InputError(f"qa_evaluations.evaluations has {len(evals or [])} entries for {len(pairs)} QA pairs; expected one per pair", path=path, line=line)
+    for i, p in enumerate(pairs):
+        if not isinstance(p.get("question"), str) or not p["question"].strip():
+            raise InputError(f"QA pair {i} has no question", path=path, line=line)
+        segs = p.get("segment_ids")
+        if not isinstance(segs, list) or not segs:
+            raise InputError(f"QA pair {i} has no segment_ids (expected a non-empty list of chunk ids)", path=path, line=line)
+        unknown = [s for s in segs if s not in ids]
+        if unknown:
+            raise InputError(f"QA pair {i} cites segment ids {unknown} that are not chunk ids of this record", path=path, line=line)
+
+
+def load_sdg_records(sdg_path) -> list[dict]:
+    """Read SDG output: a stage-0 folder (its manifest names the JSONL), a manifest file, or a JSONL file."""
+    p = Path(sdg_path)
+    if p.is_dir():
+        p = p / MANIFEST_NAME
+    if p.name == MANIFEST_NAME or p.suffix == ".json":
+        manifest = read_json(p)
+        if "output_file" not in manifest:
+            raise InputError("manifest lacks 'output_file' (the JSONL it describes)", path=p)
+        p = p.parent / manifest["output_file"]
+    records = []
+    for line, rec in iter_jsonl_numbered(p):
+        validate_record(rec, p, line)
+        records.append(rec)
+    if not records:
+        raise InputError("SDG output holds no records", path=p)
+    return records
+
+
+def run_sdg(corpus_dir, out_dir, corpus_cfg: dict, sdg_cfg: dict, retrieval_cfg: dict, seed: int = 42,
+            device: str = "auto") -> Path:
+    """Stage 0 entry point: read documents, generate with the configured backend, dedupe, write.
+
+    Returns the manifest path. The ``llm`` backend lives in :mod:`rerankflow.sdg.llm`.
+    """
+    from rerankflow.sdg.corpus import load_documents
+
+    docs = load_documents(
+        corpus_dir,
+        corpus_cfg.get("file_extensions", [".txt", ".md", ".text"]),
+        corpus_cfg.get("min_text_length", 0),
+        corpus_cfg.get("max_documents", 0),
+    )
+    backend = sdg_cfg.get("backend", "offline")
+    t0 = time.time()
+    summary: dict = {"backend": backend, "seed": seed}
+    if backend == "offline":
+        from rerankflow.sdg.offline import generate_offline
+
+        off = sdg_cfg.get("offline", {})
+        records = generate_offline(
+            docs, sdg_cfg["sentences_per_chunk"], sdg_cfg["num_pairs"], seed,
+            off.get("min_question_words", 8), off.get("max_question_words", 40),
+        )
+    elif backend == "llm":
+        from rerankflow.sdg.llm import generate_llm
+
+        records, llm_summary = generate_llm(docs, sdg_cfg, retrieval_cfg, seed=seed, out_dir=out_dir, device=device)
+        summary["llm"] = llm_summary
+    else:
+        raise InputError(f"unknown backend {backend!r}; expected 'offline' or 'llm'", key="sdg.backend")
+    for rec in records:
+        rec["chunks"] = public_chunks(rec["chunks"])
+    questions = [p["question"] for r in records for p in r["deduplicated_qa_pairs"]]
+    keep = near_duplicate_mask(questions, retrieval_cfg["model"], float(sdg_cfg["similarity_threshold"]),
+                               device=device)
+    records, dropped = apply_dedup(records, keep)
+    summary.update({
+        "num_generated_pairs": len(questions),
+        "num_near_duplicates_dropped": dropped,
+        "similarity_threshold": sdg_cfg["similarity_threshold"],
+        "embedding_model": retrieval_cfg["model"],
+        "seconds": round(time.time() - t0, 2),
+    })
+    log.info("SDG: %d documents, %d pairs generated, %d near-duplicates dropped", len(records), len(questions), dropped)
+    return write_sdg_output(out_dir, sdg_cfg.get("dataset_name", "corpus"), records, summary)

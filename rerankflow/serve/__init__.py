@@ -1,0 +1,1 @@
+"""The ranking service: a NIM-compatible FastAPI app over the ONNX scorer."""

@@ -1,0 +1,1 @@
+"""Stage 2: cross-encoder fine-tuning (and the import of the packaged base model)."""
