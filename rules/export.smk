@@ -15,13 +15,13 @@ rule export_onnx:
         onnx=f"{EXPORT_DIR}/onnx/model.onnx",
         tokenizer=directory(f"{EXPORT_DIR}/onnx/tokenizer"),
         parity=f"{EXPORT_DIR}/parity.json",
-        **({"int8": f"{EXPORT_DIR}/onnx_int8/model.onnx"} if config["export"].get("quantize", "none") == "int8" else {}),
+        **({"int8": f"{EXPORT_DIR}/onnx_int8/model.onnx"} if config["export"]["quantize"] == "int8" else {}),
     params:
         export=config["export"],
         reranker=config["reranker"],
         retrieval=config["retrieval"],
-        device=config.get("device", "auto"),
-        seed=config.get("seed", 0),
+        device=config["device"],
+        seed=config["seed"],
     threads: 2
     resources:
         mem_mb=4000,
@@ -48,8 +48,8 @@ rule export_tensorrt:
         export=config["export"],
         reranker=config["reranker"],
         retrieval=config["retrieval"],
-        device=config.get("device", "auto"),
-        seed=config.get("seed", 0),
+        device=config["device"],
+        seed=config["seed"],
     threads: 2
     resources:
         gpu=1,

@@ -25,16 +25,19 @@ rule finetune:
             labels={"figure": "training loss and validation"},
         ),
     params:
-        finetune=config["finetune"],
+        # training settings only: the job's size (FINETUNE_JOB_KEYS) is threads/resources below, so a
+        # changed mem_mb, runtime, threads or gpus re-runs nothing
+        finetune=finetune_settings(),
         reranker=config["reranker"],
         seed=config["seed"],
         device=config["device"],
         base_model=lambda wildcards, input: input.base if input.base else base_model_path(),
     threads: finetune_threads()
     resources:
-        gpu=int(config["finetune"].get("gpus", 0) or 0),
-        mem_mb=int(config["finetune"].get("mem_mb", 8000)),
-        runtime=int(config["finetune"].get("runtime", 240)),
+        # set from config; a profile may override them (profiles/slurm: set-resources finetune:gpu=...)
+        gpu=config["finetune"]["gpus"],
+        mem_mb=config["finetune"]["mem_mb"],
+        runtime=config["finetune"]["runtime"],
     log:
         "logs/finetune.log",
     benchmark:

@@ -16,6 +16,7 @@ rule prep:
         prep=config["prep"],
         retrieval=config["retrieval"],
         seed=config["seed"],
+        device=config["device"],
     log:
         "logs/prep.log",
     benchmark:

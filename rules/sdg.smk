@@ -29,8 +29,9 @@ rule sdg:
         corpus_dir=lambda wildcards, input: input.corpus[0] if input.corpus else corpus_dir(),
         corpus=config["corpus"],
         sdg=config["sdg"],
-        dedup_model=config["retrieval"]["model"],
+        retrieval=config["retrieval"],  # the embedder of near-duplicate removal
         seed=config["seed"],
+        device=config["device"],
     log:
         "logs/sdg.log",
     benchmark:

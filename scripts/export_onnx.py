@@ -1,23 +1,20 @@
 """Snakemake entry point of rule export_onnx: ONNX export, parity report, optional INT8 model."""
-
-import logging
-import sys
+import _repo  # noqa: F401  (rerankflow importable under --sdm conda)
 from pathlib import Path
 
-sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)  # noqa: F821
-logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+from rerankflow.export.onnx_export import checkpoint_model_dir, run_export
+from rerankflow.scripting import rule_logging
 
-from rerankflow.export.onnx_export import checkpoint_model_dir, run_export  # noqa: E402
-
-p = snakemake.params  # noqa: F821
-run_export(
-    checkpoint_model_dir(snakemake.input.checkpoint),  # noqa: F821
-    snakemake.input.eval_data,  # noqa: F821
-    Path(snakemake.output.parity).parent,  # noqa: F821
-    p.export,
-    p.reranker,
-    p.retrieval,
-    device=p.device,
-    threads=snakemake.threads,  # noqa: F821
-    seed=p.seed,
-)
+with rule_logging(snakemake.log[0], snakemake.threads):
+    p = snakemake.params
+    run_export(
+        checkpoint_model_dir(snakemake.input.checkpoint),
+        snakemake.input.eval_data,
+        Path(snakemake.output.parity).parent,
+        p.export,
+        p.reranker,
+        p.retrieval,
+        device=p.device,
+        threads=snakemake.threads,
+        seed=p.seed,
+    )

@@ -1,22 +1,19 @@
 """Snakemake entry point of rule export_tensorrt: TensorRT engine + its parity against ONNX Runtime."""
-
-import logging
-import sys
+import _repo  # noqa: F401  (rerankflow importable under --sdm conda)
 from pathlib import Path
 
-sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)  # noqa: F821
-logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+from rerankflow.export.tensorrt import run_tensorrt
+from rerankflow.scripting import rule_logging
 
-from rerankflow.export.tensorrt import run_tensorrt  # noqa: E402
-
-p = snakemake.params  # noqa: F821
-run_tensorrt(
-    snakemake.input.onnx,  # noqa: F821
-    Path(snakemake.output.plan).parent,  # noqa: F821
-    snakemake.input.eval_data,  # noqa: F821
-    p.export,
-    p.reranker,
-    p.retrieval,
-    device=p.device,
-    seed=p.seed,
-)
+with rule_logging(snakemake.log[0], snakemake.threads):
+    p = snakemake.params
+    run_tensorrt(
+        snakemake.input.onnx,
+        Path(snakemake.output.plan).parent,
+        snakemake.input.eval_data,
+        p.export,
+        p.reranker,
+        p.retrieval,
+        device=p.device,
+        seed=p.seed,
+    )

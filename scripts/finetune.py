@@ -17,4 +17,5 @@ with rule_logging(snakemake.log[0], snakemake.threads):
         seed=p.seed,
         device=p.device,
         threads=snakemake.threads,
+        gpus=snakemake.resources.gpu,
     )

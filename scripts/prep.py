@@ -12,5 +12,5 @@ with rule_logging(snakemake.log[0], snakemake.threads):
         snakemake.params.retrieval,
         seed=snakemake.params.seed,
         sdg_path=snakemake.input[0] if len(snakemake.input) else None,
-        device=snakemake.config["device"],
+        device=snakemake.params.device,
     )

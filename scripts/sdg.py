@@ -11,7 +11,7 @@ with rule_logging(snakemake.log[0], snakemake.threads):
         str(Path(snakemake.output[0]).parent),
         snakemake.params.corpus,
         snakemake.params.sdg,
-        {**snakemake.config["retrieval"], "model": snakemake.params.dedup_model},
+        snakemake.params.retrieval,
         seed=snakemake.params.seed,
-        device=snakemake.config["device"],
+        device=snakemake.params.device,
     )
