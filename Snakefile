@@ -4,6 +4,9 @@
 #   snakemake --cores all output/rerank/stage3_eval/eval_results.json
 #   snakemake --cores all output/rerank/stage5_deploy/endpoint.json   # deploy is asked for by name
 #   snakemake --configfile tests/config/tiny.yaml --cores all # the tiny pipeline (minutes on 2 cores)
+#
+# Every rule logs to <output_dir>/logs/<rule>.log and benchmarks to <output_dir>/logs/benchmarks/<rule>.tsv,
+# so each configuration keeps its own. Scripts read only params/input/output/log/threads (+ resources.gpu).
 
 import sys
 

@@ -10,7 +10,8 @@ numbers are exactly what a user gets from the workflow. The report gives, per va
 stage, the base reranker and the fine-tuned reranker (nDCG@10, MRR@10, Recall@100, Recall@top_k),
 the paired-bootstrap CI of every difference (the eval stage's own comparison for nDCG@10; MRR@10
 with the same function, :func:`rerankflow.eval.metrics.compare_systems`, from ``per_query.json``) and
-the wall time of every rule from its Snakemake ``benchmark:`` file.
+the wall time of every rule from its Snakemake ``benchmark:`` file (``<output_dir>/logs/benchmarks/``;
+each variant's rule logs are beside them in ``<output_dir>/logs/``).
 
 The data is read where it lies: ``--data`` or ``$RERANKFLOW_SCIFACT``, default
 ``../shared/data/scifact`` (relative to the repository root, as in ``config/scifact.yaml``). A path
@@ -29,7 +30,6 @@ import argparse
 import csv
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -91,9 +91,9 @@ def overlay(data: str, out_root: Path, variant: str) -> list[str]:
     return [*files, str(path)]
 
 
-def benchmark_tsv(rule: str) -> Path:
-    """The rule's Snakemake ``benchmark:`` file."""
-    return ROOT / "logs" / "benchmarks" / f"{rule}.tsv"
+def benchmark_tsv(out_dir: Path, rule: str) -> Path:
+    """The rule's Snakemake ``benchmark:`` file, kept per output_dir (``<output_dir>/logs/benchmarks/``)."""
+    return out_dir / "logs" / "benchmarks" / f"{rule}.tsv"
 
 
 def read_benchmark(tsv: Path) -> dict:
@@ -105,37 +105,26 @@ def read_benchmark(tsv: Path) -> dict:
     return {"s": round(float(rows[-1]["s"]), 1), "max_rss_mb": _num(rows[-1].get("max_rss"))}
 
 
-def rule_times(rules, since: float, previous: dict) -> dict:
-    """Wall seconds of each rule from ``logs/benchmarks/<rule>.tsv``: fresh when written after ``since``."""
+def rule_times(rules, out_dir: Path, since: float, previous: dict) -> dict:
+    """Wall seconds of each rule of the variant writing to ``out_dir``, from its benchmark file.
+
+    Fresh when written after ``since``; otherwise (up to date before this run: ``cached``) the last
+    report's time, else the benchmark file of the earlier run; prep without either: its own timer
+    (``prep_summary.json``).
+    """
     out = {}
     for rule in rules:
-        tsv = benchmark_tsv(rule)
+        tsv = benchmark_tsv(out_dir, rule)
         if tsv.exists() and tsv.stat().st_mtime >= since:
             out[rule] = {**read_benchmark(tsv), "cached": False}
         elif rule in previous:
             out[rule] = {**previous[rule], "cached": True}
-    return out
-
-
-def earlier_stage_times(rules, out_dir: Path, times: dict) -> dict:
-    """Rules that were up to date before this run and have no earlier report.
-
-    prep: its own timer (``prep_summary.json``). Others: their ``logs/benchmarks`` file when it was
-    written between this variant's first output and its eval results (so it belongs to this
-    variant's run, not to another output_dir's).
-    """
+        elif tsv.exists():
+            out[rule] = {**read_benchmark(tsv), "cached": True}
     summary = out_dir / "stage1_prep" / "prep_summary.json"
-    if "prep" not in times and summary.exists():
-        times["prep"] = {"s": json.loads(summary.read_text()).get("seconds"), "max_rss_mb": None, "cached": True}
-    results = out_dir / "stage3_eval" / "eval_results.json"
-    firsts = [p.stat().st_mtime for p in (out_dir / "stage0_sdg" / "generation_result.json", summary) if p.exists()]
-    if firsts and results.exists():
-        lo, hi = min(firsts) - 60, results.stat().st_mtime + 60
-        for rule in rules:
-            tsv = benchmark_tsv(rule)
-            if rule not in times and tsv.exists() and lo <= tsv.stat().st_mtime <= hi:
-                times[rule] = {**read_benchmark(tsv), "cached": True}
-    return times
+    if "prep" in rules and "prep" not in out and summary.exists():
+        out["prep"] = {"s": json.loads(summary.read_text()).get("seconds"), "max_rss_mb": None, "cached": True}
+    return out
 
 
 def _num(x):
@@ -157,14 +146,8 @@ def run_variant(variant: str, data: str, cores: int, out_root: Path, previous: d
     subprocess.run(cmd, cwd=ROOT, env=env, check=True)
     wall = time.time() - t0
     rules = VARIANTS[variant]["rules"]
-    times = earlier_stage_times(rules, ROOT / out_dir, rule_times(rules, t0, previous.get("rules", {})))
-    times = {r: times[r] for r in rules if r in times}  # pipeline order
-    # keep this variant's logs: the rules write logs/<rule>.log, shared by every output_dir
-    logs = ROOT / out_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    for rule, t in times.items():
-        if not t["cached"] and (ROOT / "logs" / f"{rule}.log").exists():
-            shutil.copy2(ROOT / "logs" / f"{rule}.log", logs / f"{rule}.log")
+    times = rule_times(rules, ROOT / out_dir, t0, previous.get("rules", {}))
+    times = {r: times[r] for r in rules if r in times}  # pipeline order; the logs are in <output_dir>/logs/
     return {"variant": variant, "name": VARIANTS[variant]["name"], "command": " ".join(cmd), "output_dir": str(out_dir),
             "snakemake_wall_s": round(wall, 1), "rules": times, **summarize(ROOT / out_dir, cfg)}
 

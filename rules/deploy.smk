@@ -19,14 +19,14 @@ rule deploy:
     params:
         deploy=config["deploy"],
         reranker=config["reranker"],
-        server_log="logs/deploy_server.log",
+        server_log=f"{OUT}/logs/deploy_server.log",
         # survives Snakemake's removal of endpoint.json before a re-run, so a re-deploy can
         # stop the server it started before (and nothing else)
         state_file=f"{OUT}/stage5_deploy/.running.json",
     log:
-        "logs/deploy.log",
+        f"{OUT}/logs/deploy.log",
     benchmark:
-        "logs/benchmarks/deploy.tsv"
+        f"{OUT}/logs/benchmarks/deploy.tsv"
     conda:
         "../envs/serve.yaml"
     script:
@@ -41,9 +41,9 @@ rule stop_deploy:
     params:
         timeout_s=20,
     log:
-        "logs/stop_deploy.log",
+        f"{OUT}/logs/stop_deploy.log",
     benchmark:
-        "logs/benchmarks/stop_deploy.tsv"
+        f"{OUT}/logs/benchmarks/stop_deploy.tsv"
     conda:
         "../envs/serve.yaml"
     script:

@@ -33,9 +33,9 @@ rule evaluate:
         seed=config["seed"],
         device=config["device"],
     log:
-        "logs/evaluate.log",
+        f"{OUT}/logs/evaluate.log",
     benchmark:
-        "logs/benchmarks/evaluate.tsv"
+        f"{OUT}/logs/benchmarks/evaluate.tsv"
     threads: workflow.cores
     resources:
         gpu=0 if config["device"] == "cpu" else 1,

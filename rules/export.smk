@@ -27,9 +27,9 @@ rule export_onnx:
         mem_mb=4000,
         runtime=60,
     log:
-        "logs/export_onnx.log",
+        f"{OUT}/logs/export_onnx.log",
     benchmark:
-        "logs/benchmarks/export_onnx.tsv"
+        f"{OUT}/logs/benchmarks/export_onnx.tsv"
     conda:
         "../envs/export.yaml"
     script:
@@ -56,9 +56,9 @@ rule export_tensorrt:
         mem_mb=16000,
         runtime=120,
     log:
-        "logs/export_tensorrt.log",
+        f"{OUT}/logs/export_tensorrt.log",
     benchmark:
-        "logs/benchmarks/export_tensorrt.tsv"
+        f"{OUT}/logs/benchmarks/export_tensorrt.tsv"
     conda:
         "../envs/export.yaml"
     script:

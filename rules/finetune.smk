@@ -39,9 +39,9 @@ rule finetune:
         mem_mb=config["finetune"]["mem_mb"],
         runtime=config["finetune"]["runtime"],
     log:
-        "logs/finetune.log",
+        f"{OUT}/logs/finetune.log",
     benchmark:
-        "logs/benchmarks/finetune.tsv"
+        f"{OUT}/logs/benchmarks/finetune.tsv"
     conda:
         "../envs/train.yaml"
     script:
@@ -55,9 +55,9 @@ rule import_base_model:
     output:
         directory(f"{OUT}/base_model/ms-marco-MiniLM-L-12-v2"),
     log:
-        "logs/import_base_model.log",
+        f"{OUT}/logs/import_base_model.log",
     benchmark:
-        "logs/benchmarks/import_base_model.tsv"
+        f"{OUT}/logs/benchmarks/import_base_model.tsv"
     threads: 1
     resources:
         mem_mb=2000,

@@ -18,9 +18,9 @@ rule prep:
         seed=config["seed"],
         device=config["device"],
     log:
-        "logs/prep.log",
+        f"{OUT}/logs/prep.log",
     benchmark:
-        "logs/benchmarks/prep.tsv"
+        f"{OUT}/logs/benchmarks/prep.tsv"
     threads: workflow.cores
     resources:
         mem_mb=8000,

@@ -7,9 +7,9 @@ rule write_default_corpus:
     params:
         python=python_version(),
     log:
-        "logs/write_default_corpus.log",
+        f"{OUT}/logs/write_default_corpus.log",
     benchmark:
-        "logs/benchmarks/write_default_corpus.tsv"
+        f"{OUT}/logs/benchmarks/write_default_corpus.tsv"
     threads: 1
     resources:
         mem_mb=1000,
@@ -33,9 +33,9 @@ rule sdg:
         seed=config["seed"],
         device=config["device"],
     log:
-        "logs/sdg.log",
+        f"{OUT}/logs/sdg.log",
     benchmark:
-        "logs/benchmarks/sdg.tsv"
+        f"{OUT}/logs/benchmarks/sdg.tsv"
     threads: 2
     resources:
         mem_mb=4000,

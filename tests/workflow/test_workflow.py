@@ -64,8 +64,8 @@ def test_stages_0_and_1_outputs(tiny_run):
     for f in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv"):
         assert (out / "stage1_prep/eval_beir" / f).exists()
     for rule in ("sdg", "prep"):
-        assert (wd / "logs" / f"{rule}.log").exists()
-        assert (wd / "logs/benchmarks" / f"{rule}.tsv").read_text().startswith("s\th:m:s")
+        assert (out / "logs" / f"{rule}.log").exists()
+        assert (out / "logs/benchmarks" / f"{rule}.tsv").read_text().startswith("s\th:m:s")
     assert list((out / "cache/embeddings").glob("*.npy")), "embedding cache written"
 
 
@@ -86,7 +86,7 @@ def test_stages_2_to_4_outputs(tiny_run):
     assert parity["max_abs_diff"] < 1e-3 and parity["pairs"] > 0
     assert (out / "stage4_export/onnx/model.onnx").exists() and (out / "stage4_export/onnx_int8/model.onnx").exists()
     for rule in ("import_base_model", "finetune", "evaluate", "export_onnx"):
-        assert (wd / "logs/benchmarks" / f"{rule}.tsv").exists(), rule
+        assert (out / "logs/benchmarks" / f"{rule}.tsv").exists(), rule
 
 
 def test_nothing_planned_when_nothing_changed(tiny_run):
@@ -106,6 +106,48 @@ def test_changed_eval_param_reruns_eval_only(tiny_run):
     assert set(plan) == {"evaluate", "all"}
     plan = planned_rules(run_snakemake(wd, "-n", configfile=tiny_config(wd, finetune={"learning_rate": 1e-5})))
     assert {"finetune", "evaluate", "export_onnx"} <= set(plan) and not {"sdg", "prep", "import_base_model"} & set(plan)
+
+
+def test_changed_job_size_reruns_nothing(tiny_run):
+    """finetune.mem_mb/runtime/threads size the job (resources), they are not params: nothing re-runs."""
+    wd, _ = tiny_run
+    for change in ({"mem_mb": 12000}, {"runtime": 30}, {"mem_mb": 4000, "runtime": 600, "threads": 1}):
+        plan = planned_rules(run_snakemake(wd, "-n", configfile=tiny_config(wd, finetune=change)))
+        assert plan == {}, (change, plan)
+    plan = planned_rules(run_snakemake(wd, "-n", configfile=tiny_config(wd, finetune={"learning_rate": 3e-5})))
+    assert "finetune" in plan
+
+
+def job_files(proc) -> dict[str, dict[str, str]]:
+    """Rule -> {"log": ..., "benchmark": ...} of every job listed by a dry run."""
+    jobs, rule = {}, None
+    for line in (proc.stdout + proc.stderr).splitlines():
+        m = re.match(r"^(?:local)?rule (\w+):$", line.strip())
+        if m:
+            rule = m.group(1)
+            jobs[rule] = {}
+            continue
+        m = re.match(r"^(log|benchmark): (.+)$", line.strip())
+        if rule and m:
+            jobs[rule][m.group(1)] = m.group(2)
+    return jobs
+
+
+def test_each_output_dir_keeps_its_own_logs(tmp_path):
+    """Two configs that differ in output_dir never write the same log or benchmark file."""
+    seen = {}
+    for out in ("output/a", "output/b"):
+        data = {**yaml.safe_load(tiny_config(tmp_path).read_text()), "output_dir": out}
+        cfg = tmp_path / f"tiny-{out.replace('/', '_')}.yaml"
+        cfg.write_text(yaml.safe_dump(data))
+        jobs = job_files(run_snakemake(tmp_path, "-n", "all", f"{out}/stage5_deploy/endpoint.json", configfile=cfg))
+        jobs.pop("all", None)
+        assert {"sdg", "prep", "finetune", "evaluate", "export_onnx", "deploy"} <= set(jobs)
+        for rule, files in jobs.items():
+            assert files["log"] == f"{out}/logs/{rule}.log", (rule, files)
+            assert files["benchmark"] == f"{out}/logs/benchmarks/{rule}.tsv", (rule, files)
+        seen[out] = {f for files in jobs.values() for f in files.values()}
+    assert not seen["output/a"] & seen["output/b"]
 
 
 def test_deploy_target_is_in_the_dag(tiny_run):
