@@ -46,17 +46,20 @@ def deploy(
     deploy_cfg: dict,
     reranker_cfg: dict,
     *,
-    server_log: str | os.PathLike,
+    server_log: str | os.PathLike | None = None,
     state_file: str | os.PathLike | None = None,
     docker_client=None,
 ) -> dict:
     """The deploy rule: dispatch on ``deploy.backend`` (``builtin`` or ``nim``).
 
     ``deploy_cfg`` is the validated ``deploy`` section; ``reranker_cfg`` the ``reranker`` keys to
-    check against the export's record (absent keys: the record's values).
+    check against the export's record (absent keys: the record's values). ``server_log`` (where the
+    built-in server's output goes) and ``state_file`` are used by the builtin backend only.
     """
     backend = deploy_cfg["backend"]
     if backend == "builtin":
+        if server_log is None:
+            raise ValueError("the builtin backend needs server_log (the file the detached server logs to)")
         return deploy_builtin(model, eval_dir, endpoint_file, deploy_cfg, reranker_cfg, server_log=server_log, state_file=state_file)
     if backend == "nim":
         return deploy_nim(model, eval_dir, endpoint_file, deploy_cfg, reranker_cfg, client=docker_client)
