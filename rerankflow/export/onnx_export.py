@@ -100,39 +100,18 @@ def export_onnx(
         input_format=input_format, template=prompt_template, max_length=max_length, padding=True, return_tensors="pt",
     )
     args = tuple(sample[n].to(torch.int64) for n in input_names)
-    wrapper = LogitsOnly.wrap(model, input_names)
-    dynamic_axes = {n: {0: "batch", 1: "sequence"} for n in input_names}
-    dynamic_axes["logits"] = {0: "batch"}
 
     with atomic_path(out_dir, is_dir=True) as tmp:
         scratch = tmp / ".scratch"
         scratch.mkdir()
-        raw_path = scratch / "model.onnx"
-        with torch.no_grad(), warnings.catch_warnings():
-            # the TorchScript exporter is deprecated upstream but is the one that exports BERT
-            # correctly with dynamic axes on torch 2.13 (see module docstring); keep logs readable
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
-            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-            warnings.filterwarnings("ignore", message=".*aten::index.*")
-            torch.onnx.export(
-                wrapper, args, str(raw_path),
-                input_names=input_names, output_names=["logits"], dynamic_axes=dynamic_axes,
-                opset_version=int(opset), do_constant_folding=True, dynamo=False,
-            )
-        proto = onnx.load(str(raw_path))  # also pulls in external tensors the exporter may have written
+        proto = _trace(model, args, input_names, opset, scratch / "model.onnx")
         if dtype == "fp16":
             from onnxruntime.transformers.float16 import convert_float_to_float16
 
             proto = convert_float_to_float16(proto, keep_io_types=True, op_block_list=["LayerNormalization"])
             _topological_sort(proto.graph)  # the converter appends its Cast nodes out of order
-        meta = {
-            "input_format": input_format,
-            "prompt_template": prompt_template,
-            "max_length": str(int(max_length)),
-            "dtype": dtype,
-            "source_checkpoint": str(checkpoint.resolve()),
-            "producer": "rerankflow",
-        }
+        meta = {"input_format": input_format, "prompt_template": prompt_template, "max_length": str(int(max_length)),
+                "dtype": dtype, "source_checkpoint": str(checkpoint.resolve()), "producer": "rerankflow"}
         del proto.metadata_props[:]
         for k, v in meta.items():
             proto.metadata_props.add(key=k, value=v)
@@ -148,23 +127,35 @@ def export_onnx(
         shutil.rmtree(scratch)
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
         write_json(tmp / EXPORT_INFO, {
-            "inputs": input_names,
-            "outputs": ["logits"],
-            "logits_shape": ["batch", 1],
-            "opset": int(opset),
-            "dtype": dtype,
-            "input_format": input_format,
-            "prompt_template": prompt_template,
-            "max_length": int(max_length),
-            "uses_token_type_ids": "token_type_ids" in input_names,
-            "external_data": external,
-            "weight_bytes": weight_bytes,
-            "source_checkpoint": str(checkpoint.resolve()),
-            "exporter": f"torch.onnx.export (TorchScript, torch {torch.__version__})",
+            "inputs": input_names, "outputs": ["logits"], "logits_shape": ["batch", 1], "opset": int(opset), "dtype": dtype,
+            "input_format": input_format, "prompt_template": prompt_template, "max_length": int(max_length),
+            "uses_token_type_ids": "token_type_ids" in input_names, "external_data": external, "weight_bytes": weight_bytes,
+            "source_checkpoint": str(checkpoint.resolve()), "exporter": f"torch.onnx.export (TorchScript, torch {torch.__version__})",
         })
     log.info("exported %s -> %s (%s, opset %s, %.1f MB weights%s)", checkpoint, out_dir / "model.onnx", dtype, opset,
              weight_bytes / 1e6, ", external data" if external else "")
     return out_dir / "model.onnx"
+
+
+def _trace(model, args, input_names: list[str], opset: int, raw_path: Path):
+    """The ONNX graph (``onnx.ModelProto``) of ``model``'s logits traced on ``args``, dynamic batch and sequence axes."""
+    import onnx
+    import torch
+
+    dynamic_axes = {n: {0: "batch", 1: "sequence"} for n in input_names}
+    dynamic_axes["logits"] = {0: "batch"}
+    with torch.no_grad(), warnings.catch_warnings():
+        # the TorchScript exporter is deprecated upstream but is the one that exports BERT
+        # correctly with dynamic axes on torch 2.13 (see module docstring); keep logs readable
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*aten::index.*")
+        torch.onnx.export(
+            LogitsOnly.wrap(model, input_names), args, str(raw_path),
+            input_names=input_names, output_names=["logits"], dynamic_axes=dynamic_axes,
+            opset_version=int(opset), do_constant_folding=True, dynamo=False,
+        )
+    return onnx.load(str(raw_path))  # also pulls in external tensors the exporter may have written
 
 
 def _topological_sort(graph) -> None:
