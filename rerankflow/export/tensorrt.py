@@ -3,8 +3,8 @@
 :func:`build_engine` hands TensorRT (Python API, 8.6 or 10.x) exactly this:
 
 * the ONNX file, parsed with ``trt.OnnxParser`` (parser errors are reported, never ignored);
-* one optimisation profile with ``(batch, sequence)`` min/opt/max from config — 1/16/64 and
-  3/256/512 by default — set on *every* network input (``input_ids``, ``attention_mask`` and
+* one optimisation profile with ``(batch, sequence)`` min/opt/max from ``export.trt`` — set on
+  *every* network input (``input_ids``, ``attention_mask`` and
   ``token_type_ids`` when the graph has it);
 * ``BuilderFlag.FP16`` (``fp16: true``) with every LayerNorm layer pinned to fp32
   (``layer.precision``, output types and, for ``INormalizationLayer``, ``compute_precision`` =
@@ -14,8 +14,12 @@
 
 Where ``tensorrt`` is not importable, :func:`require_tensorrt` raises :class:`TensorRTUnavailable`
 with what to install — the workflow never writes a placeholder plan. :func:`run_tensorrt` builds
-the engine, then checks its logits against ONNX Runtime on real eval pairs (``tensorrt/parity.json``),
-tokenized in the input format and prompt template of the ONNX export's record.
+the engine, then checks its logits against the serving path on real eval pairs (``tensorrt/parity.json``):
+:class:`~rerankflow.scoring.onnx_scorer.OnnxScorer` tokenizes them in the input format and prompt
+template of the ONNX export's record, plans the batches and scores them with ONNX Runtime; the
+engine gets the very same batches. What it shares with the ONNX stage: the eval groups
+(:mod:`~rerankflow.export.candidates`) and the comparison (:mod:`~rerankflow.export.parity`).
+Settings come from the validated ``export`` (and its ``trt``) section: no defaults are held here.
 """
 
 from __future__ import annotations
@@ -28,24 +32,14 @@ from pathlib import Path
 import numpy as np
 
 from rerankflow.errors import InputError
+from rerankflow.export.candidates import eval_groups
+from rerankflow.export.parity import NO_PADDING_CUT, ParityError, check_parity, compare_scores, in_input_order, score_interleaved
 from rerankflow.io import atomic_path, write_json
+from rerankflow.scoring.export_record import resolve_text_settings
+from rerankflow.scoring.onnx_scorer import OnnxScorer
+from rerankflow.scoring.onnx_session import choose_providers
 
 log = logging.getLogger(__name__)
-
-TRT_DEFAULTS = {
-    "min_batch": 1,
-    "opt_batch": 16,
-    "max_batch": 64,
-    "min_seq": 3,
-    "opt_seq": 256,
-    "max_seq": 512,
-    "fp16": True,
-    "layernorm_fp32": True,
-    "workspace_gb": 4,
-    "parity_tolerance": 0.1,
-    "parity_pairs": 128,
-}
-
 
 class TensorRTUnavailable(RuntimeError):
     """TensorRT (or a CUDA GPU for it) is not available on this machine."""
@@ -69,17 +63,17 @@ def require_tensorrt():
 class Profile:
     """One optimisation profile: min/opt/max of (batch, sequence) for every input."""
 
-    min_batch: int = 1
-    opt_batch: int = 16
-    max_batch: int = 64
-    min_seq: int = 3
-    opt_seq: int = 256
-    max_seq: int = 512
+    min_batch: int
+    opt_batch: int
+    max_batch: int
+    min_seq: int
+    opt_seq: int
+    max_seq: int
 
     @classmethod
-    def from_config(cls, trt_cfg: dict | None) -> "Profile":
-        cfg = {**TRT_DEFAULTS, **(trt_cfg or {})}
-        p = cls(*(int(cfg[k]) for k in ("min_batch", "opt_batch", "max_batch", "min_seq", "opt_seq", "max_seq")))
+    def from_config(cls, trt_cfg: dict) -> "Profile":
+        """The profile of the ``export.trt`` section; raises unless min <= opt <= max."""
+        p = cls(*(int(trt_cfg[k]) for k in ("min_batch", "opt_batch", "max_batch", "min_seq", "opt_seq", "max_seq")))
         if not (1 <= p.min_batch <= p.opt_batch <= p.max_batch):
             raise InputError(f"need 1 <= min_batch <= opt_batch <= max_batch, got {p.min_batch}/{p.opt_batch}/{p.max_batch}", key="export.trt")
         if not (1 <= p.min_seq <= p.opt_seq <= p.max_seq):
@@ -98,13 +92,14 @@ def _is_layernorm(trt, layer) -> bool:
     return "layernorm" in (layer.name or "").lower().replace("_", "")
 
 
-def build_engine(onnx_path, plan_path, trt_cfg: dict | None = None, trt=None) -> dict:
+def build_engine(onnx_path, plan_path, trt_cfg: dict, trt=None) -> dict:
     """Build and atomically write a serialized engine; return a description of what was configured.
 
-    ``trt`` is the tensorrt module (tests pass a fake one to check the configuration handed over).
+    ``trt_cfg`` is the ``export.trt`` section; ``trt`` the tensorrt module (tests pass a fake one to
+    check the configuration handed over).
     """
     trt = trt or require_tensorrt()
-    cfg = {**TRT_DEFAULTS, **(trt_cfg or {})}
+    cfg = trt_cfg
     profile_cfg = Profile.from_config(cfg)
     onnx_path = Path(onnx_path)
     logger = trt.Logger(trt.Logger.WARNING)
@@ -208,47 +203,38 @@ class TrtRunner:
         return out.float().reshape(-1).cpu().numpy()
 
 
-def run_tensorrt(onnx_path, out_dir, eval_dir, export_cfg: dict | None = None, reranker_cfg: dict | None = None,
-                 retrieval_cfg: dict | None = None, *, device: str = "auto", seed: int = 0) -> dict:
+def run_tensorrt(onnx_path, out_dir, eval_dir, export_cfg: dict, reranker_cfg: dict, retrieval_cfg: dict, *,
+                 device: str, seed: int) -> dict:
     """Build ``out_dir/model.plan`` from the ONNX export and check it against ONNX Runtime.
 
     Writes ``out_dir/parity.json`` (max/mean abs logit difference, Spearman, top-10 agreement on
     real eval pairs, TensorRT vs ONNX Runtime); raises when the max difference exceeds
-    ``export.trt.parity_tolerance`` (fp16 default 0.1) after writing it.
+    ``export.trt.parity_tolerance`` after writing it.
     """
-    from transformers import AutoTokenizer
-
-    from rerankflow.export.onnx_export import (
-        DEFAULTS, MODEL_INPUTS, ParityError, check_parity, choose_providers, compare_scores, encode_batches,
-        load_eval_groups, make_session, ort_runner, score_interleaved,
-    )
-    from rerankflow.models import pick_device
-    from rerankflow.scoring.onnx_scorer import resolve_text_settings
-
     trt = require_tensorrt()
-    cfg = {**DEFAULTS, **(export_cfg or {})}
-    tcfg = {**TRT_DEFAULTS, **(cfg.get("trt") or {})}
+    tcfg = export_cfg["trt"]
     profile = Profile.from_config(tcfg)
-    rr = {"max_length": 512, **(reranker_cfg or {})}
-    max_length = min(int(rr["max_length"]), profile.max_seq)
     # the pairs are tokenized as the ONNX model was exported (its record), which must agree with the config
-    _ml, template, input_format = resolve_text_settings(onnx_path, None, rr.get("prompt_template"), rr.get("input_format"))
+    _ml, template, input_format = resolve_text_settings(onnx_path, None, reranker_cfg["prompt_template"], reranker_cfg["input_format"])
     out_dir = Path(out_dir)
     build = build_engine(onnx_path, out_dir / "model.plan", tcfg, trt=trt)
     log.info("built %s", build)
 
-    groups = load_eval_groups(eval_dir, n_pairs=tcfg["parity_pairs"], passages_per_query=cfg["passages_per_query"],
-                              candidates=cfg["candidates"], retrieval=retrieval_cfg, seed=seed, device=pick_device(device))
+    groups = eval_groups(eval_dir, export_cfg, tcfg["parity_pairs"], retrieval_cfg, device=device, seed=seed)
     pairs = [(g.query, p) for g in groups for p in g.passages]
-    tok = AutoTokenizer.from_pretrained(str(Path(onnx_path).parent / "tokenizer"))
-    session = make_session(onnx_path, choose_providers("auto"))
-    names = [i.name for i in session.get_inputs()]
-    batches = encode_batches(tok, pairs, [n for n in MODEL_INPUTS if n in names], max_length,
-                             min(int(cfg["batch_size"]), profile.max_batch), input_format=input_format, template=template)
-    scores, secs = score_interleaved({"onnx": (ort_runner(session), batches), "tensorrt": (TrtRunner(out_dir / "model.plan", trt), batches)})
+    scorer = OnnxScorer(
+        onnx_path, max_length=min(int(reranker_cfg["max_length"]), profile.max_seq), prompt_template=template,
+        input_format=input_format, providers=choose_providers(export_cfg["execution_provider"], key="export.execution_provider"),
+        batch_size=min(int(export_cfg["batch_size"]), profile.max_batch), intra_op_threads=0, max_padding=NO_PADDING_CUT,
+    )
+    encoded = scorer.encode_texts([scorer.format(q, p) for q, p in pairs])
+    chunks = scorer.plan(encoded)
+    batches = [scorer.feeds([encoded[i] for i in rows]) for rows in chunks]
+    scores, secs = score_interleaved({"onnx": (scorer.run_feeds, batches), "tensorrt": (TrtRunner(out_dir / "model.plan", trt), batches)})
+    scores = {name: in_input_order(s, chunks) for name, s in scores.items()}
     report = compare_scores(scores["onnx"], scores["tensorrt"], groups)
     report.update({
-        "reference": f"ONNX Runtime ({session.get_providers()[0]})",
+        "reference": f"ONNX Runtime ({scorer.session.get_providers()[0]})",
         "tolerance": float(tcfg["parity_tolerance"]),
         "build": build,
         "input_format": input_format,

