@@ -64,11 +64,11 @@ def process_gone(pid: int, timeout: float = 15.0) -> bool:
     """True once ``pid`` has exited (or is a zombie) within ``timeout`` seconds."""
     import time
 
-    from rerankflow.deploy.service import _proc_stat
+    from rerankflow.deploy.process import proc_stat
 
     t0 = time.time()
     while time.time() - t0 < timeout:
-        st = _proc_stat(pid)
+        st = proc_stat(pid)
         if st is None or st[0] in ("Z", "X"):
             return True
         time.sleep(0.1)

@@ -54,7 +54,7 @@ def test_deploy_and_stop_deploy_rules(tmp_path):
         assert rec["max_length"] == cfg["reranker"]["max_length"]
         # the server outlived the Snakemake job
         assert httpx.get(rec["health_url"], timeout=10).status_code == 200
-        assert (tmp_path / "logs" / "deploy.log").exists() and (tmp_path / "logs" / "deploy_server.log").exists()
+        assert (tmp_path / OUT / "logs" / "deploy.log").exists() and (tmp_path / OUT / "logs" / "deploy_server.log").exists()
         stopped_file = tmp_path / OUT / "stage5_deploy" / "stopped.json"
         run_snakemake(tmp_path, "--configfile", str(cfg_path), "--allowed-rules", "stop_deploy", "--", str(stopped_file.relative_to(tmp_path)))
         stopped = json.loads(stopped_file.read_text())

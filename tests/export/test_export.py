@@ -496,5 +496,5 @@ def test_rules_export_then_tensorrt_fails_clearly(checkpoint, eval_dir, tmp_path
     assert (out / "stage4_export" / "onnx" / "model.onnx").exists()
     assert not (out / "stage4_export" / "onnx_int8").exists()
     assert not Path(target).exists()
-    log = (tmp_path / "logs" / "export_tensorrt.log").read_text()
+    log = (out / "logs" / "export_tensorrt.log").read_text()
     assert "TensorRT is not installed" in log
