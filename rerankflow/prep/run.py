@@ -27,9 +27,9 @@ from pathlib import Path
 
 from rerankflow.beir import check_qrels, load_corpus, load_qrels, load_queries, passage_text, write_beir
 from rerankflow.errors import InputError
-from rerankflow.formatting import Prefixes
 from rerankflow.io import atomic_path, sha256_text, write_json
 from rerankflow.prep.mining import mine_hard_negatives
+from rerankflow.retrieval.retriever import Retriever
 from rerankflow.sdg.run import load_sdg_records
 
 log = logging.getLogger(__name__)
@@ -157,9 +157,15 @@ def _allowed_for(split: str, passage_splits: list[set]):
     return lambda i: "test" not in passage_splits[i]
 
 
-def run_prep(out_dir, prep_cfg: dict, retrieval_cfg: dict, *, seed: int = 42, sdg_path=None,
-             train_n_passages: int = 5, device: str = "auto") -> dict:
-    """Stage 1 entry point; returns the summary also written to ``prep_summary.json``."""
+def run_prep(out_dir, prep_cfg: dict, retrieval_cfg: dict, *, seed: int, sdg_path=None,
+             train_n_passages: int, device: str) -> dict:
+    """Stage 1 entry point; returns the summary also written to ``prep_summary.json``.
+
+    ``prep_cfg`` / ``retrieval_cfg``: the validated ``prep`` and ``retrieval`` sections (mining embeds
+    with ``prep.mining_batch_size``); ``train_n_passages`` is ``finetune.train_n_passages`` (a warning
+    when fewer negatives are mined than training samples); ``sdg_path``: stage 0's output, unless
+    ``prep.input_beir`` is set.
+    """
     t0 = time.time()
     out_dir = Path(out_dir)
     ratios = (float(prep_cfg["train_ratio"]), float(prep_cfg["val_ratio"]), float(prep_cfg["test_ratio"]))
@@ -199,10 +205,8 @@ def run_prep(out_dir, prep_cfg: dict, retrieval_cfg: dict, *, seed: int = 42, sd
         [q["question"] for q in mine_q],
         [[index_of[p] for p in q["positives"]] for q in mine_q],
         pids, texts, [_allowed_for(q["split"], psplits) for q in mine_q],
-        model_name=retrieval_cfg["model"], prefixes=Prefixes.from_config(retrieval_cfg),
-        max_length=int(retrieval_cfg["max_length"]), num_negatives=n_neg, margin=float(prep_cfg["hard_neg_margin"]),
-        batch_size=int(prep_cfg.get("mining_batch_size", 128)), block_size=int(retrieval_cfg.get("search_block_size", 4096)),
-        depth=int(prep_cfg.get("mining_depth", 100)), cache_dir=retrieval_cfg.get("cache_dir"), device=device,
+        retriever=Retriever.from_config({**retrieval_cfg, "batch_size": prep_cfg["mining_batch_size"]}, device=device),
+        num_negatives=n_neg, margin=float(prep_cfg["hard_neg_margin"]), depth=int(prep_cfg["mining_depth"]),
     )
     mining_seconds = time.time() - t_mine
     if mined.short:
