@@ -49,11 +49,11 @@ from tqdm import tqdm
 
 from rerankflow.config import load_schema
 from rerankflow.errors import InputError
-from rerankflow.retrieval.retriever import Retriever
 from rerankflow.sdg.chunking import chunk_document
 from rerankflow.sdg.corpus import Document, documents_from_config
 from rerankflow.sdg.llm_client import (CallCache, CallStats, LLMCallError, LLMClient, LLMFatalError, RetryPolicy,
                                        register_secret, request_key, scrub)
+from rerankflow.sdg.round_trip import round_trip_filter
 from rerankflow.sdg.prompts import (QUERY_TYPES, ParseError, correction_messages, generation_messages, judge_messages,
                                     parse_generation, parse_judge)
 
@@ -154,41 +154,18 @@ def _call_with_parse_retries(client: LLMClient, messages: list[dict], params: di
     raise AssertionError("unreachable")
 
 
-def round_trip_keep(items, docs_chunks, retriever: Retriever, top_k: int, scope: str) -> list[list[bool]]:
-    """For each (doc index, pairs) item, a keep flag per pair (see module docstring).
-
-    Every chunk of every document is a passage of ``retriever`` (whitespace-normalised text, cached
-    like any corpus); the questions are its queries.
-    """
-    import numpy as np
-
-    rows, norm_texts, doc_range = [], [], {}
-    for di, chunks in enumerate(docs_chunks):
-        start = len(rows)
-        for c in chunks:
-            rows.append((di, c["chunk_id"]))
-            norm_texts.append(" ".join(c["text"].split()))
-        doc_range[di] = (start, len(rows))
-    retriever.embedder()  # one model for passages and questions
-    corpus_emb = retriever.embed_passages([f"{di}:{cid}" for di, cid in rows], norm_texts)
-    q_emb = retriever.embed_queries([p["question"] for _di, pairs in items for p in pairs])
-    keeps, qpos = [], 0
-    for di, pairs in items:
-        start, end = doc_range[di]
-        qe = q_emb[qpos:qpos + len(pairs)]
-        qpos += len(pairs)
-        if scope == "document":
-            _s, idx = retriever.search(qe, np.asarray(corpus_emb[start:end]), top_k)
-            idx = np.where(idx >= 0, idx + start, -1)
-        else:
-            _s, idx = retriever.search(qe, corpus_emb, top_k)
-        flags = []
-        for p, hits in zip(pairs, idx):
-            cited_rows = {start + s - 1 for s in p["segment_ids"]}  # chunk ids are 1..n in document order
-            cited_texts = {norm_texts[r] for r in cited_rows}
-            flags.append(any(h >= 0 and (h in cited_rows or norm_texts[h] in cited_texts) for h in hits))
-        keeps.append(flags)
-    return keeps
+def _preflight(docs, docs_chunks, gen_msgs, active, cfg: dict, ends, cache, num_pairs: int, preview: bool) -> dict:
+    """What the run will cost (documents, segments, expected calls, calls already cached), logged."""
+    pre = {
+        "documents": len(docs), "characters": sum(len(d.text) for d in docs),
+        "segments": sum(len(c) for c in docs_chunks), "num_pairs": num_pairs,
+        "expected_calls": 2 * len(active), "max_parse_retries": int(cfg["max_parse_retries"]),
+        "generation_cached": sum(request_key(ends.gen.payload(gen_msgs[i], **ends.gen_params)) in cache for i in active),
+        "model": cfg["model"], "base_url": scrub(cfg["base_url"]),
+        "judge_model": ends.judge_model, "judge_base_url": scrub(ends.judge_base), "preview": preview,
+    }
+    _log_preflight(pre)
+    return pre
 
 
 def _log_preflight(pre: dict) -> None:
@@ -295,15 +272,7 @@ def generate_llm(docs: list[Document], sdg_cfg: dict, retrieval_cfg: dict, seed:
     ends = _Endpoints(cfg, seed, cache)
     docs_chunks, gen_msgs = _plan(docs, cfg, num_pairs, int(sdg_cfg["sentences_per_chunk"]), seed)
     active = [i for i, m in enumerate(gen_msgs) if m is not None]
-    pre = {
-        "documents": len(docs), "characters": sum(len(d.text) for d in docs),
-        "segments": sum(len(c) for c in docs_chunks), "num_pairs": num_pairs,
-        "expected_calls": 2 * len(active), "max_parse_retries": int(cfg["max_parse_retries"]),
-        "generation_cached": sum(request_key(ends.gen.payload(gen_msgs[i], **ends.gen_params)) in cache for i in active),
-        "model": cfg["model"], "base_url": scrub(cfg["base_url"]),
-        "judge_model": ends.judge_model, "judge_base_url": scrub(ends.judge_base), "preview": preview,
-    }
-    _log_preflight(pre)
+    pre = _preflight(docs, docs_chunks, gen_msgs, active, cfg, ends, cache, num_pairs, preview)
     if len(active) < len(docs):
         log.warning("%d documents have no sentence to chunk and are skipped", len(docs) - len(active))
 
@@ -331,7 +300,7 @@ def generate_llm(docs: list[Document], sdg_cfg: dict, retrieval_cfg: dict, seed:
         for k, v in drop.items():
             dropped[k] = dropped.get(k, 0) + v
     n_generated = sum(len(p) for p in pairs_by_doc.values())
-    rt_dropped = _round_trip_filter(pairs_by_doc, docs_chunks, cfg, retrieval_cfg, device) \
+    rt_dropped = round_trip_filter(pairs_by_doc, docs_chunks, cfg, retrieval_cfg, device) \
         if cfg["round_trip_filter"] and n_generated else 0
     judged = _run_phase(judge_one, {i: (p,) for i, p in pairs_by_doc.items() if p}, "judge", workers, docs, failures)
 
@@ -340,16 +309,14 @@ def generate_llm(docs: list[Document], sdg_cfg: dict, retrieval_cfg: dict, seed:
         "model": cfg["model"], "base_url": scrub(cfg["base_url"]),
         "judge_model": ends.judge_model, "judge_base_url": scrub(ends.judge_base),
         "documents": len(docs), "documents_ok": len(records), "documents_failed": len(failures),
-        "failed_documents": dict(sorted(failures.items())),
-        "expected_calls": pre["expected_calls"],
+        "failed_documents": dict(sorted(failures.items())), "expected_calls": pre["expected_calls"],
         **ends.stats.as_dict(),
         "parse_failures": counters["parse_failures"], "parse_retries": counters["parse_retries"],
         "pairs_generated": n_generated, "pairs_dropped_invalid": dict(sorted(dropped.items())),
         "round_trip": {"enabled": bool(cfg["round_trip_filter"]), "top_k": int(cfg["round_trip_top_k"]),
                        "scope": cfg["round_trip_scope"], "dropped": rt_dropped},
         "pairs_kept": sum(len(r["deduplicated_qa_pairs"]) for r in records),
-        "cache_dir": None if preview else str(cache_dir),
-        "seconds": round(time.time() - t0, 2),
+        "cache_dir": None if preview else str(cache_dir), "seconds": round(time.time() - t0, 2),
     }
     log.info("LLM SDG summary: %s", json.dumps({k: v for k, v in summary.items() if k != "failed_documents"}))
     if not records and active:
@@ -363,21 +330,6 @@ def generate_llm(docs: list[Document], sdg_cfg: dict, retrieval_cfg: dict, seed:
             f"sdg.preview is true: generated {len(records)} preview record(s) (printed above) and wrote nothing. "
             "Set sdg.preview: false to generate and write the dataset", key="sdg.preview")
     return records, summary
-
-
-def _round_trip_filter(pairs_by_doc: dict, docs_chunks, cfg: dict, retrieval_cfg: dict, device: str) -> int:
-    """Drop (in place) the questions that fail the round trip; returns how many were dropped."""
-    items = [(i, pairs_by_doc[i]) for i in sorted(pairs_by_doc) if pairs_by_doc[i]]
-    n_generated = sum(len(p) for _i, p in items)
-    keeps = round_trip_keep(items, docs_chunks, Retriever.from_config(retrieval_cfg, device=device),
-                            int(cfg["round_trip_top_k"]), cfg["round_trip_scope"])
-    dropped = 0
-    for (i, pairs), flags in zip(items, keeps):
-        pairs_by_doc[i] = [p for p, k in zip(pairs, flags) if k]
-        dropped += len(pairs) - len(pairs_by_doc[i])
-    log.info("round-trip filter (top %d, scope %s): dropped %d of %d questions", cfg["round_trip_top_k"],
-             cfg["round_trip_scope"], dropped, n_generated)
-    return dropped
 
 
 def _records(docs, docs_chunks, pairs_by_doc: dict, judged: dict) -> list[dict]:
