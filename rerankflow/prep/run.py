@@ -27,9 +27,9 @@ from pathlib import Path
 
 from rerankflow.beir import check_qrels, load_corpus, load_qrels, load_queries, passage_text, write_beir
 from rerankflow.errors import InputError
-from rerankflow.formatting import Prefixes
 from rerankflow.io import atomic_path, sha256_text, write_json
 from rerankflow.prep.mining import mine_hard_negatives
+from rerankflow.retrieval.retriever import Retriever
 from rerankflow.sdg.run import load_sdg_records
 
 log = logging.getLogger(__name__)
@@ -157,20 +157,8 @@ def _allowed_for(split: str, passage_splits: list[set]):
     return lambda i: "test" not in passage_splits[i]
 
 
-def run_prep(out_dir, prep_cfg: dict, retrieval_cfg: dict, *, seed: int = 42, sdg_path=None,
-             train_n_passages: int = 5, device: str = "auto") -> dict:
-    """Stage 1 entry point; returns the summary also written to ``prep_summary.json``."""
-    t0 = time.time()
-    out_dir = Path(out_dir)
-    ratios = (float(prep_cfg["train_ratio"]), float(prep_cfg["val_ratio"]), float(prep_cfg["test_ratio"]))
-    if prep_cfg.get("input_beir"):
-        data = from_beir(prep_cfg["input_beir"], ratios[1] / max(1e-9, ratios[0] + ratios[1]), seed)
-    else:
-        if sdg_path is None:
-            raise InputError("no SDG output given and prep.input_beir is not set", key="prep.input_beir")
-        data = from_sdg(sdg_path, float(prep_cfg["quality_threshold"]), ratios, seed)
-
-    by_split = {s: [q for q in data.queries if q["split"] == s] for s in SPLITS}
+def _check_splits(by_split: dict, n_neg: int, train_n_passages: int) -> list[str]:
+    """Refuse empty train/test splits; return (and log) the warnings about small splits and few negatives."""
     if not by_split["train"]:
         raise InputError("no training query survived the quality filter and split; lower prep.quality_threshold, "
                          "raise sdg.num_pairs or give a larger corpus", key="prep.quality_threshold")
@@ -182,34 +170,20 @@ def run_prep(out_dir, prep_cfg: dict, retrieval_cfg: dict, *, seed: int = 42, sd
         warnings.append(f"only {len(by_split['train'])} training queries: fine-tuning will be noisy (aim for 500+)")
     if len(by_split["test"]) < 30:
         warnings.append(f"only {len(by_split['test'])} test queries: evaluation confidence intervals will be wide")
-    n_neg = int(prep_cfg["hard_negatives_to_mine"])
     if n_neg < train_n_passages - 1:
         warnings.append(f"prep.hard_negatives_to_mine={n_neg} < finetune.train_n_passages - 1 = {train_n_passages - 1}: "
                         "training will repeat negatives")
     for w in warnings:
         log.warning(w)
+    return warnings
 
-    pids = list(data.passages)
-    texts = [passage_text(data.passages[p]) for p in pids]
+
+def _write_training_files(out_dir: Path, mine_q: list[dict], mined, pids: list[str], texts: list[str],
+                          psplits: list[set]) -> tuple[list[str], list[dict]]:
+    """Write the corpus parquet, train.json, val.json and the mined (and unrolled) training files.
+
+    Returns the passage ids of the training corpus and the unrolled records."""
     index_of = {p: i for i, p in enumerate(pids)}
-    psplits = [data.passage_splits.get(p, set()) for p in pids]
-    mine_q = by_split["train"] + by_split["val"]
-    t_mine = time.time()
-    mined = mine_hard_negatives(
-        [q["question"] for q in mine_q],
-        [[index_of[p] for p in q["positives"]] for q in mine_q],
-        pids, texts, [_allowed_for(q["split"], psplits) for q in mine_q],
-        model_name=retrieval_cfg["model"], prefixes=Prefixes.from_config(retrieval_cfg),
-        max_length=int(retrieval_cfg["max_length"]), num_negatives=n_neg, margin=float(prep_cfg["hard_neg_margin"]),
-        batch_size=int(prep_cfg.get("mining_batch_size", 128)), block_size=int(retrieval_cfg.get("search_block_size", 4096)),
-        depth=int(prep_cfg.get("mining_depth", 100)), cache_dir=retrieval_cfg.get("cache_dir"), device=device,
-    )
-    mining_seconds = time.time() - t_mine
-    if mined.short:
-        warnings.append(f"{mined.short} of {len(mine_q)} queries got fewer than {n_neg} hard negatives "
-                        "(small corpus or strict margin)")
-        log.warning(warnings[-1])
-
     parquet = (out_dir / "corpus" / "train.parquet").resolve()
     referenced = set()
     records = {"train": [], "val": []}
@@ -238,6 +212,52 @@ def run_prep(out_dir, prep_cfg: dict, retrieval_cfg: dict, *, seed: int = 42, sd
     write_json(out_dir / "val.json", wrap(records["val"]))
     write_json(out_dir / "train_mined.automodel.json", wrap(records["train"]))
     write_json(out_dir / "train_mined.automodel_unrolled.json", wrap(unrolled))
+    return train_pids, unrolled
+
+
+def run_prep(out_dir, prep_cfg: dict, retrieval_cfg: dict, *, seed: int, sdg_path=None,
+             train_n_passages: int, device: str) -> dict:
+    """Stage 1 entry point; returns the summary also written to ``prep_summary.json``.
+
+    ``prep_cfg`` / ``retrieval_cfg``: the validated ``prep`` and ``retrieval`` sections (mining embeds
+    with ``prep.mining_batch_size``); ``train_n_passages`` is ``finetune.train_n_passages`` (a warning
+    when fewer negatives are mined than training samples); ``sdg_path``: stage 0's output, unless
+    ``prep.input_beir`` is set.
+    """
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    ratios = (float(prep_cfg["train_ratio"]), float(prep_cfg["val_ratio"]), float(prep_cfg["test_ratio"]))
+    if prep_cfg.get("input_beir"):
+        data = from_beir(prep_cfg["input_beir"], ratios[1] / max(1e-9, ratios[0] + ratios[1]), seed)
+    else:
+        if sdg_path is None:
+            raise InputError("no SDG output given and prep.input_beir is not set", key="prep.input_beir")
+        data = from_sdg(sdg_path, float(prep_cfg["quality_threshold"]), ratios, seed)
+
+    by_split = {s: [q for q in data.queries if q["split"] == s] for s in SPLITS}
+    n_neg = int(prep_cfg["hard_negatives_to_mine"])
+    warnings = _check_splits(by_split, n_neg, train_n_passages)
+
+    pids = list(data.passages)
+    texts = [passage_text(data.passages[p]) for p in pids]
+    index_of = {p: i for i, p in enumerate(pids)}
+    psplits = [data.passage_splits.get(p, set()) for p in pids]
+    mine_q = by_split["train"] + by_split["val"]
+    t_mine = time.time()
+    mined = mine_hard_negatives(
+        [q["question"] for q in mine_q],
+        [[index_of[p] for p in q["positives"]] for q in mine_q],
+        pids, texts, [_allowed_for(q["split"], psplits) for q in mine_q],
+        retriever=Retriever.from_config({**retrieval_cfg, "batch_size": prep_cfg["mining_batch_size"]}, device=device),
+        num_negatives=n_neg, margin=float(prep_cfg["hard_neg_margin"]), depth=int(prep_cfg["mining_depth"]),
+    )
+    mining_seconds = time.time() - t_mine
+    if mined.short:
+        warnings.append(f"{mined.short} of {len(mine_q)} queries got fewer than {n_neg} hard negatives "
+                        "(small corpus or strict margin)")
+        log.warning(warnings[-1])
+
+    train_pids, unrolled = _write_training_files(out_dir, mine_q, mined, pids, texts, psplits)
 
     test_q = by_split["test"]
     qrels = {q["qid"]: {p: 1 for p in q["positives"]} for q in test_q}

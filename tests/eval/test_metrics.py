@@ -98,16 +98,16 @@ def test_bootstrap_contains_difference_and_shrinks():
 
 def test_significance_tests():
     a, _ = _systems(200, 2)
-    assert paired_randomization_test(a, a.copy(), 2000) == pytest.approx(1.0)
+    assert paired_randomization_test(a, a.copy(), 2000, seed=0) == pytest.approx(1.0)
     assert wilcoxon_p(a, a.copy()) == 1.0
     # a clear, consistent improvement is significant
     b = np.clip(a + 0.1, 0, 2)
-    assert paired_randomization_test(a, b, 2000) < 0.01
+    assert paired_randomization_test(a, b, 2000, seed=0) < 0.01
     assert wilcoxon_p(a, b) < 0.01
     # pure noise around zero is not
     rng = np.random.default_rng(5)
     noise = a + rng.normal(0, 0.05, a.size)
-    assert paired_randomization_test(a, noise, 2000) > 0.01
+    assert paired_randomization_test(a, noise, 2000, seed=0) > 0.01
 
 
 def test_compare_systems_and_breakdown():
@@ -118,7 +118,7 @@ def test_compare_systems_and_breakdown():
     assert c["n_queries"] == 3 and c["wins"] == 2 and c["ties"] == 1 and c["losses"] == 0
     assert c["delta"] == pytest.approx(np.mean([pq_b[q]["NDCG@10"] - pq_a[q]["NDCG@10"] for q in QRELS]))
     assert c["ci_low"] <= c["delta"] <= c["ci_high"]
-    same = compare_systems(pq_a, pq_a, "NDCG@10", 1000)
+    same = compare_systems(pq_a, pq_a, "NDCG@10", 1000, 0.95, 0)
     assert same["p_value"] == pytest.approx(1.0) and same["delta"] == 0.0
 
     meta = {"q1": {"query_type": "multi_hop"}, "q2": {"query_type": "factual"}, "q3": {"query_type": "factual"}}

