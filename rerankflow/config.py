@@ -34,6 +34,17 @@ def check_config(config: dict, schema_path) -> None:
         raise ValueError("invalid rerankflow configuration:\n  " + "\n  ".join(errors))
 
 
+def config_warnings(config: dict) -> list[str]:
+    """Settings that are valid one by one but work against each other (shown when the workflow is parsed)."""
+    out = []
+    n_neg = config["prep"]["hard_negatives_to_mine"]
+    n_passages = config["finetune"]["train_n_passages"]
+    if n_neg < n_passages - 1:
+        out.append(f"prep.hard_negatives_to_mine={n_neg} < finetune.train_n_passages - 1 = {n_passages - 1}: "
+                   "training will repeat negatives")
+    return out
+
+
 def canonical(obj):
     """The same config with every mapping's keys sorted (recursively); lists keep their order."""
     if isinstance(obj, dict):

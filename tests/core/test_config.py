@@ -48,3 +48,12 @@ def test_load_config_leaves_its_overlays_alone():
     cfg = load_config(_yaml("config/config.yaml"), tiny)
     assert tiny == before
     assert cfg["reranker"]["max_length"] == tiny["reranker"]["max_length"]
+
+
+def test_too_few_mined_negatives_for_the_training_group_is_one_warning():
+    from rerankflow.config import config_warnings, load_config
+
+    assert config_warnings(load_config()) == []
+    cfg = load_config({"prep": {"hard_negatives_to_mine": 2}, "finetune": {"train_n_passages": 5}})
+    assert config_warnings(cfg) == ["prep.hard_negatives_to_mine=2 < finetune.train_n_passages - 1 = 4: "
+                                    "training will repeat negatives"]

@@ -480,7 +480,7 @@ def test_rule_endpoint_mismatch_fails_and_keeps_results(setup, tmp_path):
     finally:
         server.close()
     assert proc.returncode != 0
-    log = (tmp_path / "logs" / "evaluate.log").read_text()
+    log = (tmp_path / "out" / "logs" / "evaluate.log").read_text()
     assert "endpoint parity FAILED" in log and "last_failure" in log
     assert not (tmp_path / "out" / "stage3_eval" / "eval_results.json").exists()  # removed by Snakemake
     kept = json.loads((tmp_path / "out" / "stage3_eval" / "last_failure" / "eval_results.json").read_text())

@@ -201,7 +201,7 @@ def test_pair_format_export(checkpoint, eval_dir, tmp_path):
     from rerankflow.export.parity import encode_chunks
     from rerankflow.scoring.export_record import resolve_text_settings
     from rerankflow.scoring.onnx_scorer import OnnxScorer
-    from rerankflow.scoring.reranking import CrossEncoderScorer
+    from rerankflow.scoring.cross_encoder import CrossEncoderScorer
 
     cfg = {**EXPORT_CFG, "quantize": "int8", "parity_pairs": 24}
     report = export_run(checkpoint, eval_dir, tmp_path, cfg, {"max_length": 128, "input_format": "pair"}, threads=1)
@@ -223,8 +223,9 @@ def test_pair_format_export(checkpoint, eval_dir, tmp_path):
     ml, tpl, fmt = resolve_text_settings(tmp_path / "onnx" / "model.onnx")
     onnx_scores = OnnxScorer(tmp_path / "onnx", max_length=ml, prompt_template=tpl, input_format=fmt, providers=["CPUExecutionProvider"],
                              batch_size=8, intra_op_threads=0, max_padding=-1).score_pairs(pairs)
-    torch_pair = CrossEncoderScorer(checkpoint, max_length=128, device="cpu", input_format="pair").score(pairs, progress=False)
-    torch_tpl = CrossEncoderScorer(checkpoint, max_length=128, device="cpu").score(pairs, progress=False)
+    scorer = dict(max_length=128, template=TEMPLATE, device="cpu", bf16=False, batch_size=32)
+    torch_pair = CrossEncoderScorer(checkpoint, **scorer, input_format="pair").score(pairs, sort_by_length=True, progress=False)
+    torch_tpl = CrossEncoderScorer(checkpoint, **scorer, input_format="template").score(pairs, sort_by_length=True, progress=False)
     np.testing.assert_allclose(onnx_scores, torch_pair, atol=1e-3)
     assert np.abs(onnx_scores - torch_tpl).max() > 1e-2  # template scoring is a different input
 

