@@ -21,7 +21,6 @@ CONFIG = load_config({
     "sdg": {"backend": "offline", "dataset_name": "t", "num_pairs": 3, "sentences_per_chunk": 3,
             "similarity_threshold": 0.9}})
 RETR, PREP, SDG = CONFIG["retrieval"], CONFIG["prep"], CONFIG["sdg"]
-TRAIN_N_PASSAGES = 5  # finetune.train_n_passages the prep calls below check their negatives against
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +28,7 @@ def prepped(tmp_path_factory):
     root = tmp_path_factory.mktemp("prep")
     run_sdg(TEST_CORPUS, root / "s0", CONFIG["corpus"], SDG, RETR, seed=5, device="auto")
     retr = {**RETR, "cache_dir": str(root / "cache")}
-    summary = run_prep(root / "s1", PREP, retr, seed=5, sdg_path=root / "s0", train_n_passages=TRAIN_N_PASSAGES,
+    summary = run_prep(root / "s1", PREP, retr, seed=5, sdg_path=root / "s0",
                        device="auto")
     return root, summary
 
@@ -148,7 +147,7 @@ def test_labelled_beir_input(tmp_path):
                split="train")
     (tmp_path / "b" / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq5\tc2\t1\nq6\tc6\t1\n")
     prep = {**PREP, "input_beir": str(tmp_path / "b"), "val_ratio": 0.25, "hard_negatives_to_mine": 3}
-    s = run_prep(tmp_path / "s1", prep, RETR, seed=1, train_n_passages=TRAIN_N_PASSAGES, device="auto")
+    s = run_prep(tmp_path / "s1", prep, RETR, seed=1, device="auto")
     assert s["source"] == "beir" and s["queries_per_split"]["test"] == 2
     assert s["queries_per_split"]["train"] + s["queries_per_split"]["val"] == 4
     _, tq, tqrels = load_beir(tmp_path / "s1/eval_beir", "test")
