@@ -1,1 +1,1 @@
-"""Stage 2: cross-encoder fine-tuning (and the import of the packaged base model)."""
+"""Stage 2: cross-encoder fine-tuning (listwise/BCE losses, validation, BEST/LATEST checkpoints, resume, torchrun)."""
