@@ -16,6 +16,7 @@ min_version("9.0")
 sys.path.insert(0, workflow.basedir)  # the rerankflow package, also without pip install -e
 
 from rerankflow.config import canonical, check_config, config_warnings
+from rerankflow.retrieval.first_stage import check_first_stage_config
 
 
 configfile: f"{workflow.basedir}/config/config.yaml"
@@ -23,6 +24,7 @@ configfile: f"{workflow.basedir}/config/config.yaml"
 
 check_config(config, f"{workflow.basedir}/config/schema.yaml")  # errors that name the key
 validate(config, "config/schema.yaml", set_default=True)
+check_first_stage_config(config["retrieval"])  # cross-key checks: hybrid weights, run_file (errors name the key)
 for _warning in config_warnings(config):
     print(f"rerankflow config warning: {_warning}", file=sys.stderr)
 # Derived default: the embedding cache lives with the outputs unless placed elsewhere.

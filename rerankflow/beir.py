@@ -67,10 +67,12 @@ def load_qrels(path) -> dict[str, dict[str, int]]:
     return qrels
 
 
-def load_beir(data_dir, split: str = "test", *, check_ids: bool = True):
+def load_beir(data_dir, split: str = "test", *, check_ids: bool = True, missing_docs_ok: bool = False):
     """Load ``(corpus, queries, qrels)`` of one split; with ``check_ids`` unknown ids raise.
 
-    Only queries that appear in the split's qrels are returned, as BEIR does.
+    Only queries that appear in the split's qrels are returned, as BEIR does. ``missing_docs_ok``: a qrels
+    target missing from the corpus is kept, not an error (BEIR's own loader keeps them; count them with
+    :func:`missing_corpus_targets`); an unknown query id still raises.
     """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
@@ -80,7 +82,7 @@ def load_beir(data_dir, split: str = "test", *, check_ids: bool = True):
     qrels_path = data_dir / "qrels" / f"{split}.tsv"
     qrels = load_qrels(qrels_path)
     if check_ids:
-        check_qrels(qrels, corpus, queries, qrels_path)
+        check_qrels(qrels, corpus, queries, qrels_path, check_docs=not missing_docs_ok)
     queries = {qid: queries[qid] for qid in qrels if qid in queries}
     return corpus, queries, qrels
 
@@ -89,14 +91,19 @@ def load_query_metadata(data_dir) -> dict[str, dict]:
     return load_queries(Path(data_dir) / "queries.jsonl")[1]
 
 
-def check_qrels(qrels, corpus, queries, qrels_path) -> None:
-    """Raise when a qrels line names a query or document that does not exist."""
+def check_qrels(qrels, corpus, queries, qrels_path, *, check_docs: bool = True) -> None:
+    """Raise when a qrels line names a query (or, with ``check_docs``, a document) that does not exist."""
     for qid, docs in qrels.items():
         if qid not in queries:
             raise InputError(f"qrels names query id {qid!r}, which is not in queries.jsonl", path=qrels_path)
-        for did in docs:
+        for did in docs if check_docs else ():
             if did not in corpus:
                 raise InputError(f"qrels names corpus id {did!r} (query {qid!r}), which is not in corpus.jsonl", path=qrels_path)
+
+
+def missing_corpus_targets(qrels, corpus) -> list[tuple[str, str]]:
+    """``(query id, document id)`` of every qrels line whose document is not in the corpus, in qrels order."""
+    return [(qid, did) for qid, docs in qrels.items() for did in docs if did not in corpus]
 
 
 def write_beir(data_dir, corpus: dict, queries: dict, qrels: dict, split: str = "test", query_meta: dict | None = None) -> Path:

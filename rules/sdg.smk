@@ -23,13 +23,14 @@ rule write_default_corpus:
 rule sdg:
     input:
         corpus=corpus_input(),
+        bge=bge_model_dir(),
     output:
         sdg_outputs(),
     params:
         corpus_dir=lambda wildcards, input: input.corpus[0] if input.corpus else corpus_dir(),
         corpus=config["corpus"],
         sdg=config["sdg"],
-        retrieval=config["retrieval"],  # the embedder of near-duplicate removal
+        retrieval=retrieval_params(first_stage=False),  # the embedder of near-duplicate removal
         seed=config["seed"],
         device=config["device"],
     log:

@@ -11,6 +11,6 @@ with rule_logging(snakemake.log[0], snakemake.threads):
         snakemake.params.prep,
         snakemake.params.retrieval,
         seed=snakemake.params.seed,
-        sdg_path=snakemake.input[0] if len(snakemake.input) else None,
+        sdg_path=getattr(snakemake.input, "sdg", None),
         device=snakemake.params.device,
     )

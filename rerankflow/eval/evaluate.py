@@ -3,8 +3,11 @@
 :func:`evaluate` is the one entry point (the Snakemake rule's script calls it). Steps:
 
 1. load the eval BEIR folder (``qrels/test.tsv``), with per-query metadata when present;
-2. dense first stage (:class:`rerankflow.retrieval.retriever.Retriever`) -> ``max(top_k, first_stage_depth)``
-   candidates per query, scored as the system ``first_stage``;
+2. first stage (:class:`rerankflow.retrieval.first_stage.FirstStage`: ``retrieval.first_stage`` dense, bm25,
+   hybrid or a run file) -> ``max(top_k, first_stage_depth)`` candidates per query, scored as the system
+   ``first_stage``. With ``eval.ignore_identical_ids`` a document whose id equals the query id is dropped
+   from it (so from every run) before anything is scored, as BEIR and MTEB do; qrels targets missing from
+   the corpus are kept (BEIR does) and reported as a warning with their count;
 3. rerank the first ``top_k`` candidates with the base reranker (``base``), the fine-tuned
    checkpoint (``finetuned``) and, when ``eval.endpoint`` is set, the served ``/v1/ranking``
    (``endpoint``). Candidates beyond ``top_k`` keep their first-stage order below the reranked
@@ -24,8 +27,9 @@
    Because Snakemake deletes the declared outputs of a failed job, a failure also leaves a copy of
    the results under ``<out_dir>/last_failure/`` and the error message names it.
 
-The parts: :mod:`rerankflow.eval.config` (the checked ``eval`` section), :mod:`rerankflow.eval.metrics`,
-:mod:`rerankflow.eval.report` (table, TREC runs, plot). Settings come from the validated config
+The parts: :mod:`rerankflow.eval.config` (the checked ``eval`` section), :mod:`rerankflow.eval.data` (the
+eval folder and the first stage), :mod:`rerankflow.eval.metrics`, :mod:`rerankflow.eval.report` (table, TREC
+runs, plot). Settings come from the validated config
 (:func:`rerankflow.config.load_config` outside Snakemake); this module holds no defaults of its own.
 """
 
@@ -41,16 +45,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from rerankflow import __version__
-from rerankflow.beir import load_beir, load_query_metadata
 from rerankflow.errors import InputError
 from rerankflow.eval.config import EvalConfigError, candidate_depth, check_eval_config
-from rerankflow.eval.metrics import FAMILIES, breakdown, compare_systems, evaluable_qrels, evaluate_run, metric_names, rank_documents
+from rerankflow.eval.data import load_eval_data, run_first_stage
+from rerankflow.eval.metrics import FAMILIES, breakdown, compare_systems, evaluate_run, metric_names, rank_documents
 from rerankflow.eval.report import SYSTEMS, format_table, plot_ndcg, write_table_tsv, write_trec_run
 from rerankflow.formatting import check_input_format, check_template
 from rerankflow.io import atomic_path, write_json
-from rerankflow.models import pick_device, resolve_model_path
+from rerankflow.models import pick_device
 from rerankflow.retrieval.candidates import candidate_pairs
-from rerankflow.retrieval.retriever import Retriever
 from rerankflow.scoring.cross_encoder import CrossEncoderScorer
 from rerankflow.scoring.endpoint import EndpointError, EndpointRanker, discover_endpoint_model
 from rerankflow.scoring.score_cache import ScoreCache, cached_score, scorer_identity
@@ -67,11 +70,6 @@ FAILURE_DIR = "last_failure"
 
 class EndpointParityError(RuntimeError):
     """The served endpoint's metrics differ from the fine-tuned checkpoint's beyond tolerance."""
-
-
-def top_candidates(run: dict, k: int) -> dict:
-    """The ``k`` best-scored documents of every query of ``run`` (trec_eval order)."""
-    return {qid: {d: docs[d] for d in rank_documents(docs)[:k]} for qid, docs in run.items()}
 
 
 def with_first_stage_tail(reranked: dict, first_run: dict) -> dict:
@@ -180,15 +178,8 @@ def evaluate(eval_data_dir, out_dir, *, eval_cfg: dict, retrieval_cfg: dict, rer
     data = load_eval_data(Path(eval_data_dir))
 
     # 2. first stage
-    retriever = Retriever.from_config(retrieval_cfg, device=device, search=cfg, model_name=cfg["retrieval_model"])
-    t0 = time.perf_counter()
-    first_run, fs_info = retriever.retrieve(data["corpus"], data["queries"], candidate_depth(cfg))
-    fs_info["total_s"] = round(time.perf_counter() - t0, 3)
-    ev = {"runs": {"first_stage": first_run}, "timings": {"first_stage": fs_info}, "errors": {},
-          "candidates": top_candidates(first_run, cfg["top_k"]),  # what the rerankers rescore
-          "models": {"retrieval_model": retriever.model_name,
-                     "retrieval_model_path": resolve_model_path(retriever.model_name)},
-          "input_formats": {"base": cfg["base_input_format"], "finetuned": finetuned_format}}
+    ev = run_first_stage(data, cfg, retrieval_cfg, device)
+    ev["input_formats"] = {"base": cfg["base_input_format"], "finetuned": finetuned_format}
 
     # 3. rerankers
     paths = {"base": base_model, "finetuned": finetuned_checkpoint}
@@ -199,7 +190,7 @@ def evaluate(eval_data_dir, out_dir, *, eval_cfg: dict, retrieval_cfg: dict, rer
 
     # 4. metrics, comparisons, breakdown, meta
     results, per_query = _metrics(ev, data, cfg, seed)
-    results["meta"] = _meta(ev, data, cfg, retriever, seed=seed, template=template, max_length=max_length,
+    results["meta"] = _meta(ev, data, cfg, seed=seed, template=template, max_length=max_length,
                             device=device, total_s=time.perf_counter() - t_start,
                             config={"eval": cfg, "retrieval": dict(retrieval_cfg), "reranker": reranker_cfg})
 
@@ -209,28 +200,6 @@ def evaluate(eval_data_dir, out_dir, *, eval_cfg: dict, retrieval_cfg: dict, rer
     if (out_dir / FAILURE_DIR).exists():
         shutil.rmtree(out_dir / FAILURE_DIR, ignore_errors=True)
     return results
-
-
-def load_eval_data(data_dir: Path) -> dict:
-    """The BEIR eval folder (``qrels/test.tsv``): ``corpus``, evaluable ``queries`` / ``qrels``,
-    per-query ``meta``data and ``counts``."""
-    corpus, queries, qrels = load_beir(data_dir, split="test")
-    query_meta = load_query_metadata(data_dir)
-    eval_qrels = evaluable_qrels(qrels)
-    if not eval_qrels:
-        raise InputError("no query in qrels/test.tsv has a relevant (score >= 1) document", path=data_dir / "qrels" / "test.tsv")
-    counts = {
-        "corpus": len(corpus),
-        "queries_in_qrels": len(qrels),
-        "queries_evaluated": len(eval_qrels),
-        "queries_without_relevant": len(qrels) - len(eval_qrels),
-        "qrels_pairs": sum(len(d) for d in qrels.values()),
-        "relevant_pairs": sum(1 for d in eval_qrels.values() for s in d.values() if s >= 1),
-        "queries_with_metadata": sum(1 for q in eval_qrels if q in query_meta),
-    }
-    log.info("eval data %s: %s", data_dir, counts)
-    return {"dir": data_dir, "corpus": corpus, "queries": {q: queries[q] for q in eval_qrels}, "qrels": eval_qrels,
-            "meta": query_meta, "counts": counts}
 
 
 def _rerank_checkpoints(ev: dict, data: dict, cfg: dict, checkpoints: dict, paths: dict, *, template: str,
@@ -329,7 +298,7 @@ def _metrics(ev: dict, data: dict, cfg: dict, seed: int) -> tuple[dict, dict]:
     return results, per_query
 
 
-def _meta(ev: dict, data: dict, cfg: dict, retriever: Retriever, *, seed: int, template: str, max_length: int,
+def _meta(ev: dict, data: dict, cfg: dict, *, seed: int, template: str, max_length: int,
           device: str, total_s: float, config: dict) -> dict:
     """The ``meta`` block of ``eval_results.json``: data, models, settings, timings, versions, errors."""
     depth = candidate_depth(cfg)
@@ -353,7 +322,9 @@ def _meta(ev: dict, data: dict, cfg: dict, retriever: Retriever, *, seed: int, t
         "confidence": float(cfg["confidence"]),
         "seed": seed,
         "mrr_note": "MRR@k is computed from the run (trec_eval's recip_rank has no cutoff), ranking ties like trec_eval",
-        "prefixes": {"query_prefix": retriever.prefixes.query_prefix, "passage_prefix": retriever.prefixes.passage_prefix},
+        "first_stage": ev["first_stage"],
+        "prefixes": {k: ev["first_stage"]["dense"][k] for k in ("query_prefix", "passage_prefix")}
+        if "dense" in ev["first_stage"] else None,
         "prompt_template": template,
         "input_formats": ev["input_formats"],
         "reranker_max_length": max_length,

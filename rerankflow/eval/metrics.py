@@ -54,6 +54,13 @@ def rank_documents(doc_scores: Mapping[str, float]) -> list[str]:
     return [d for d, _s in items]
 
 
+def drop_identical_ids(run: Mapping[str, Mapping[str, float]]) -> tuple[dict[str, dict[str, float]], int]:
+    """``run`` without any document whose id equals its query's id (BEIR's and MTEB's ``ignore_identical_ids``),
+    and how many were dropped."""
+    out = {qid: {d: s for d, s in docs.items() if d != qid} for qid, docs in run.items()}
+    return out, sum(len(run[q]) - len(out[q]) for q in run)
+
+
 def mrr_at_k(qrels: Mapping[str, Mapping[str, int]], run: Mapping[str, Mapping[str, float]], k_values: Sequence[int]) -> dict[str, dict[str, float]]:
     """``{qid: {"MRR@k": 1/rank of the first relevant document within the top k, else 0}}``."""
     out: dict[str, dict[str, float]] = {}

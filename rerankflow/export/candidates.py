@@ -9,7 +9,7 @@ from pathlib import Path
 
 from rerankflow.errors import InputError
 from rerankflow.models import pick_device
-from rerankflow.retrieval.retriever import Retriever
+from rerankflow.retrieval.first_stage import FirstStage
 
 
 @dataclass
@@ -30,23 +30,23 @@ def load_eval_groups(
     passages_per_query: int,
     candidates: str,
     seed: int,
-    retriever: Retriever | None = None,
+    first_stage: FirstStage | None = None,
 ) -> list[QueryGroup]:
     """Real (query, candidate passages) groups from an eval BEIR folder, about ``n_pairs`` pairs.
 
     Queries are a seeded sample of the split's queries (``ceil(n_pairs / passages_per_query)``).
     Each query's candidates are its qrels positives plus, with ``candidates="dense"``, the
-    ``retriever``'s exact top hits (:class:`~rerankflow.retrieval.retriever.Retriever` built from the
-    ``retrieval`` section: the same first stage as evaluation, sharing its embedding cache) or, with
-    ``candidates="corpus"``, seeded random corpus passages; ``passages_per_query`` in total.
+    ``first_stage``'s top hits (:class:`~rerankflow.retrieval.first_stage.FirstStage` built from the
+    ``retrieval`` section: the same first stage as evaluation, dense, bm25, hybrid or a run file, sharing
+    its caches) or, with ``candidates="corpus"``, seeded random corpus passages; ``passages_per_query`` in total.
     """
     from rerankflow.beir import load_beir, passage_text
 
     if candidates not in ("dense", "corpus"):
         raise InputError(f"candidates must be 'dense' or 'corpus', got {candidates!r}", key="export.candidates")
-    if candidates == "dense" and retriever is None:
-        raise ValueError("candidates 'dense' need the retriever (Retriever.from_config(retrieval section, device=...))")
-    corpus, queries, qrels = load_beir(eval_dir)
+    if candidates == "dense" and first_stage is None:
+        raise ValueError("candidates 'dense' need the first stage (FirstStage.from_config(retrieval section, device=...))")
+    corpus, queries, qrels = load_beir(eval_dir, missing_docs_ok=True)  # BEIR keeps them; positives are filtered below
     if not queries:
         raise InputError("eval data has no queries with qrels", path=Path(eval_dir) / "qrels" / "test.tsv")
     ppq = max(2, int(passages_per_query))
@@ -57,7 +57,8 @@ def load_eval_groups(
     doc_ids = list(corpus)
     ranked: dict[str, list[str]] = {}
     if candidates == "dense":
-        ranked = _dense_candidates(retriever, qids, queries, corpus, doc_ids, ppq)
+        run, _info = first_stage.retrieve(corpus, {q: queries[q] for q in qids}, min(ppq, len(doc_ids)))
+        ranked = {q: list(docs) for q, docs in run.items()}
     rng = random.Random(seed + 1)
     groups = []
     for qid in qids:
@@ -73,22 +74,12 @@ def load_eval_groups(
     return groups
 
 
-def _dense_candidates(retriever: Retriever, qids, queries, corpus, doc_ids, top_k) -> dict[str, list[str]]:
-    """Each query's exact top ``top_k`` documents by the first-stage retriever."""
-    from rerankflow.beir import passage_text
-
-    passage_emb = retriever.embed_passages(doc_ids, [passage_text(corpus[d]) for d in doc_ids])
-    query_emb = retriever.embed_queries([queries[q] for q in qids])
-    _scores, idx = retriever.search(query_emb, passage_emb, min(top_k, len(doc_ids)))
-    return {q: [doc_ids[i] for i in row if i >= 0] for q, row in zip(qids, idx)}
-
-
 def eval_groups(eval_dir, export_cfg: dict, n_pairs: int, retrieval_cfg: dict, *, device: str, seed: int) -> list[QueryGroup]:
     """The eval groups of a parity check: ``export.passages_per_query`` candidates per query from
-    ``export.candidates`` (``dense``: the one first-stage :class:`Retriever` of the ``retrieval``
-    section on ``device``, exact search)."""
-    retriever = None
+    ``export.candidates`` (``dense``: the :class:`FirstStage` of the ``retrieval`` section on ``device``,
+    exact search when dense)."""
+    first_stage = None
     if export_cfg["candidates"] == "dense":
-        retriever = Retriever.from_config(retrieval_cfg, device=pick_device(device))
+        first_stage = FirstStage.from_config(retrieval_cfg, device=pick_device(device))
     return load_eval_groups(eval_dir, n_pairs=n_pairs, passages_per_query=export_cfg["passages_per_query"],
-                            candidates=export_cfg["candidates"], seed=seed, retriever=retriever)
+                            candidates=export_cfg["candidates"], seed=seed, first_stage=first_stage)

