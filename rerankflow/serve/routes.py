@@ -89,19 +89,30 @@ class Routes:
                 msg += f" (and {len(detail) - 1} more)"
             raise ApiError(422, "invalid_request", msg, detail) from None
 
-    def check_text_sizes(self, query: str, texts: Sequence[str], list_key: str) -> None:
+    def check_texts(self, query: str, texts: Sequence[str], list_key: str) -> None:
+        """Sizes within ``max_text_chars`` and text that is valid Unicode, checked before any tokenizing.
+
+        JSON may carry a lone UTF-16 surrogate (``"\\ud800"``) that Python decodes into a ``str`` no tokenizer
+        accepts: it is the client's error (422 naming the field), never a 500 that drops the connection.
+        """
         limit = self.settings.max_text_chars
-        if len(query) > limit:
-            raise ApiError(400, "text_too_long", f"query has {len(query)} characters; at most max_text_chars={limit}")
-        for i, t in enumerate(texts):
-            if len(t) > limit:
-                raise ApiError(400, "text_too_long", f"{list_key}[{i}] has {len(t)} characters; at most max_text_chars={limit}")
+        named = [("query", query)] + [(f"{list_key}[{i}]", t) for i, t in enumerate(texts)]
+        for name, text in named:
+            if len(text) > limit:
+                where = f"{name} has {len(text)} characters; at most max_text_chars={limit}"
+                raise ApiError(400, "text_too_long", where)
+        for name, text in named:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ApiError(422, "invalid_request", f"{name} is not valid Unicode text: a lone surrogate "
+                                                       f"(U+{ord(text[exc.start]):04X}) at character {exc.start}") from None
 
     # ------------------------------------------------------------------ scoring
     async def score(self, request: Request, query: str, texts: list[str], truncate: str, list_key: str):
         """``(logits, order best first, tokens)``; over-long pairs are a 400 with ``truncate: NONE``."""
         scorer = self.scorer
-        self.check_text_sizes(query, texts, list_key)
+        self.check_texts(query, texts, list_key)
         encoded = await run_in_threadpool(scorer.encode_pairs, query, texts)
         if truncate == "NONE":
             over = [i for i, e in enumerate(encoded) if e.truncated]

@@ -256,6 +256,24 @@ def test_bad_ranking_requests_get_4xx_and_server_keeps_serving(client, name, bod
     assert_still_serving(client)
 
 
+@pytest.mark.parametrize("path,body,message", [
+    ("/v1/ranking", ranking_body(passages=["Paris is in France.", "\ud800 x"]), "passages[1] is not valid Unicode text"),
+    ("/v1/rerank", {"query": QUERY, "documents": ["\ud800"]}, "documents[0] is not valid Unicode text"),
+    ("/v1/rerank", {"query": QUERY, "documents": [{"text": "ok"}, {"text": "x \udfff"}]}, "documents[1] is not valid Unicode text"),
+    ("/v1/ranking", ranking_body(query="capital \udfff"), "query.text"),  # the request model already refuses it
+])
+def test_lone_surrogate_is_a_422_and_the_connection_survives(client, path, body, message):
+    """JSON can carry a lone UTF-16 surrogate that no tokenizer accepts: a 4xx naming the field, not a 500,
+    and the same keep-alive connection goes on serving (issue 19, item 1)."""
+    raw = json.dumps(body).encode()  # json escapes the surrogate as \udXXX, as a client would send it
+    assert b"\\ud" in raw
+    r = client.post(path, content=raw, headers={"Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert r.json()["object"] == "error" and message in r.json()["message"], r.json()
+    assert r.headers.get("connection", "").lower() != "close"
+    assert_still_serving(client)
+
+
 def test_over_long_pair_is_truncated_with_end(client, scorer):
     passages = ["Paris is the capital of France. " + "filler text " * 300, "Bananas are yellow."]
     r = client.post("/v1/ranking", json=ranking_body(passages=passages, truncate="END"))
