@@ -54,6 +54,13 @@ class Routes:
             raise ApiError(401, "unauthorized", "invalid bearer token")
 
     async def read_json(self, request: Request) -> Any:
+        # A JSON API only takes JSON: a browser may send text/plain or a form cross-site without a CORS
+        # preflight, so anything else is refused before the body is read.
+        content_type = request.headers.get("content-type", "")
+        mime = content_type.split(";")[0].strip().lower()
+        if mime != "application/json" and not (mime.startswith("application/") and mime.endswith("+json")):
+            raise ApiError(415, "unsupported_media_type",
+                           f"Content-Type must be application/json, got {content_type or 'none'}")
         limit = self.settings.max_body_bytes
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:

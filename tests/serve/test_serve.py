@@ -213,7 +213,7 @@ def test_request_larger_than_max_batch_size_is_split_and_reassembled(client, sco
 def test_one_log_line_per_request_without_the_token(client, caplog):
     with caplog.at_level(logging.INFO, logger="rerankflow.serve.app"):
         client.post("/v1/ranking", json=ranking_body(passages=PASSAGES[:3]))
-        client.post("/v1/ranking", content=b"{not json")
+        client.post("/v1/ranking", content=b"{not json", headers={"Content-Type": "application/json"})
         t0 = time.time()  # the line is written just after the response went out
         while time.time() - t0 < 5 and not any("POST /v1/ranking 400" in r.getMessage() for r in caplog.records):
             time.sleep(0.02)
@@ -272,6 +272,19 @@ def test_lone_surrogate_is_a_422_and_the_connection_survives(client, path, body,
     assert r.json()["object"] == "error" and message in r.json()["message"], r.json()
     assert r.headers.get("connection", "").lower() != "close"
     assert_still_serving(client)
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data"])
+def test_a_body_that_is_not_declared_json_is_a_415(client, content_type):
+    """A browser can send text/plain or a form cross-site without a CORS preflight: only JSON is read."""
+    headers = {"Content-Type": content_type} if content_type else {}
+    raw = json.dumps(ranking_body(passages=PASSAGES[:2])).encode()
+    for path in ("/v1/ranking", "/v1/rerank"):
+        r = client.post(path, content=raw, headers=headers)
+        assert r.status_code == 415, r.text
+        assert r.json()["object"] == "error" and "Content-Type must be application/json" in r.json()["message"]
+    ok = client.post("/v1/ranking", content=raw, headers={"Content-Type": "application/json; charset=utf-8"})
+    assert ok.status_code == 200 and len(ok.json()["rankings"]) == 2
 
 
 def test_over_long_pair_is_truncated_with_end(client, scorer):
