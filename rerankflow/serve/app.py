@@ -39,6 +39,8 @@ from __future__ import annotations
 import logging
 import time
 
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from rerankflow.scoring.onnx_scorer import OnnxScorer, find_model_file
 from rerankflow.scoring.onnx_session import choose_providers
 from rerankflow.scoring.export_record import resolve_text_settings
@@ -139,13 +141,16 @@ def create_app(settings: ServeSettings, scorer: OnnxScorer | None = None):
                 await batcher.stop()
             log.info("server stopped")
 
-    app = FastAPI(title="rerankflow ranking service", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # With auth on, the API description is not served either: it would be the one unauthenticated page.
+    app = FastAPI(title="rerankflow ranking service", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None if token else "/openapi.json")
     app.add_middleware(AccessLogMiddleware)
     app.state.settings = settings
     app.state.scorer = scorer
     app.state.batcher = batcher
     app.state.model_name = model_name
     app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _internal_error)
     Routes(settings, scorer, batcher, token, model_name, state).register(app)
     return app
@@ -153,6 +158,19 @@ def create_app(settings: ServeSettings, scorer: OnnxScorer | None = None):
 
 async def _api_error(request, exc: ApiError):
     return error_response(exc)
+
+
+HTTP_ERROR_KINDS = {404: "not_found", 405: "method_not_allowed"}
+
+
+async def _http_error(request, exc):
+    """Starlette's own errors (unknown path, wrong method) in the documented error shape; headers such as
+    ``Allow`` are kept."""
+    kind = HTTP_ERROR_KINDS.get(exc.status_code, "http_error")
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    response = error_response(ApiError(exc.status_code, kind, message))
+    response.headers.update(exc.headers or {})
+    return response
 
 
 async def _internal_error(request, exc: Exception):

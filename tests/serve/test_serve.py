@@ -287,6 +287,23 @@ def test_a_body_that_is_not_declared_json_is_a_415(client, content_type):
     assert ok.status_code == 200 and len(ok.json()["rankings"]) == 2
 
 
+def test_unknown_path_and_wrong_method_use_the_error_shape(client):
+    r = client.get("/v1/nothing-here")
+    assert r.status_code == 404 and r.json()["object"] == "error" and r.json()["type"] == "not_found", r.text
+    assert "/v1/nothing-here" in r.json()["message"]
+    r = client.get("/v1/ranking")
+    assert r.status_code == 405 and r.json()["type"] == "method_not_allowed", r.text
+    assert "POST" in r.headers["allow"]
+    assert_still_serving(client)
+
+
+def test_openapi_description_needs_no_token_only_when_auth_is_off(server, server_no_batching):
+    with_auth = httpx.get(f"{server.url}/openapi.json", timeout=30)  # no bearer token sent
+    assert with_auth.status_code == 404 and with_auth.json()["object"] == "error", with_auth.text
+    without_auth = httpx.get(f"{server_no_batching.url}/openapi.json", timeout=30)
+    assert without_auth.status_code == 200 and "/v1/ranking" in without_auth.json()["paths"]
+
+
 def test_over_long_pair_is_truncated_with_end(client, scorer):
     passages = ["Paris is the capital of France. " + "filler text " * 300, "Bananas are yellow."]
     r = client.post("/v1/ranking", json=ranking_body(passages=passages, truncate="END"))
