@@ -127,9 +127,9 @@ def create_app(settings: ServeSettings, scorer: OnnxScorer | None = None):
         if batcher is not None:
             await batcher.start()
         state["ready"] = True
-        log.info(
-            "serving %s (%s) on http://%s:%s, dynamic batching %s (max_batch_size %d, max_wait_ms %s, workers %d), auth %s",
-            model_name, scorer.model_file, settings.host, settings.port,
+        log.info(  # where it listens is logged once the socket is bound (rerankflow.serve.server)
+            "ready to serve %s (%s), dynamic batching %s (max_batch_size %d, max_wait_ms %s, workers %d), auth %s",
+            model_name, scorer.model_file,
             "on" if batcher else "off", settings.max_batch_size, settings.max_wait_ms, settings.batch_workers,
             f"on (token from ${settings.auth_token_env})" if token else "off",
         )

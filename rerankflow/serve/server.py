@@ -21,8 +21,31 @@ def configure_logging(level: str) -> None:
     logging.Formatter.converter = time.gmtime
 
 
+log = logging.getLogger("rerankflow.serve.app")
+
+
+def _listening_server_class():
+    import uvicorn
+
+    class ListeningServer(uvicorn.Server):
+        """``uvicorn.Server`` that says where it listens only once the socket is bound: a taken port logs no
+        "listening" line, and ``port: 0`` logs the port the system chose."""
+
+        bound: tuple[str, int] | None = None
+
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started and self.servers and self.servers[0].sockets:
+                host, port = self.servers[0].sockets[0].getsockname()[:2]
+                self.bound = (host, int(port))
+                log.info("listening on http://%s:%d", host, port)
+
+    return ListeningServer
+
+
 def build_server(settings: ServeSettings, scorer: OnnxScorer | None = None):
-    """A ``uvicorn.Server`` for the app (call ``.run()``, or ``.serve()`` in a loop/thread)."""
+    """A ``uvicorn.Server`` for the app (call ``.run()``, or ``.serve()`` in a loop/thread); once started,
+    ``.bound`` is the ``(host, port)`` it listens on."""
     import uvicorn
 
     app = create_app(settings, scorer)
@@ -38,7 +61,7 @@ def build_server(settings: ServeSettings, scorer: OnnxScorer | None = None):
         limit_concurrency=None,
         server_header=False,
     )
-    return uvicorn.Server(config)
+    return _listening_server_class()(config)
 
 
 def run_server(settings: ServeSettings) -> None:
@@ -62,13 +85,21 @@ class ThreadedServer:
 
         self.settings = settings
         self.server = build_server(settings, scorer)
-        self.thread = threading.Thread(target=self.server.run, name="rerankflow-server", daemon=True)
+        self.thread = threading.Thread(target=self._run, name="rerankflow-server", daemon=True)
         self.start_timeout_s = start_timeout_s
+
+    def _run(self) -> None:
+        try:
+            self.server.run()
+        except SystemExit:  # uvicorn exits when it cannot bind (it has logged why); __enter__ reports it
+            pass
 
     @property
     def url(self) -> str:
+        """Where the server listens (the bound port: ``port: 0`` asks the system for a free one)."""
         host = self.settings.host if self.settings.host not in ("0.0.0.0", "") else "127.0.0.1"
-        return f"http://{host}:{self.settings.port}"
+        port = self.server.bound[1] if self.server.bound else self.settings.port
+        return f"http://{host}:{port}"
 
     @property
     def app(self):

@@ -304,6 +304,25 @@ def test_openapi_description_needs_no_token_only_when_auth_is_off(server, server
     assert without_auth.status_code == 200 and "/v1/ranking" in without_auth.json()["paths"]
 
 
+def test_port_zero_logs_the_bound_port_and_a_taken_port_logs_no_listening_line(scorer, caplog):
+    import socket
+
+    with caplog.at_level(logging.INFO, logger="rerankflow.serve.app"):
+        with ThreadServer(make_settings(port=0), scorer=scorer) as srv:
+            port = int(srv.url.rsplit(":", 1)[1])
+            assert port != 0
+            assert httpx.get(f"{srv.url}/v1/health/ready", timeout=30).status_code == 200
+        assert f"listening on http://127.0.0.1:{port}" in caplog.text
+        caplog.clear()
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen(1)
+            with pytest.raises(RuntimeError, match="did not start"):
+                with ThreadServer(make_settings(port=taken.getsockname()[1]), scorer=scorer, start_timeout_s=20):
+                    pass
+        assert "listening on" not in caplog.text
+
+
 def test_over_long_pair_is_truncated_with_end(client, scorer):
     passages = ["Paris is the capital of France. " + "filler text " * 300, "Bananas are yellow."]
     r = client.post("/v1/ranking", json=ranking_body(passages=passages, truncate="END"))
