@@ -41,7 +41,8 @@ def config_warnings(config: dict) -> list[str]:
     n_passages = config["finetune"]["train_n_passages"]
     if n_neg < n_passages - 1:
         out.append(f"prep.hard_negatives_to_mine={n_neg} < finetune.train_n_passages - 1 = {n_passages - 1}: "
-                   "training will repeat negatives")
+                   "training fills the missing negatives with random corpus passages (easy negatives); "
+                   "mine at least train_n_passages - 1")
     return out
 
 

@@ -56,4 +56,5 @@ def test_too_few_mined_negatives_for_the_training_group_is_one_warning():
     assert config_warnings(load_config()) == []
     cfg = load_config({"prep": {"hard_negatives_to_mine": 2}, "finetune": {"train_n_passages": 5}})
     assert config_warnings(cfg) == ["prep.hard_negatives_to_mine=2 < finetune.train_n_passages - 1 = 4: "
-                                    "training will repeat negatives"]
+                                    "training fills the missing negatives with random corpus passages (easy negatives); "
+                                    "mine at least train_n_passages - 1"]
