@@ -33,12 +33,6 @@ from rerankflow.io import read_json, write_json
 log = logging.getLogger(__name__)
 
 
-def model_file_for(output_dir: str | os.PathLike, deploy_cfg: dict) -> Path:
-    """``stage4_export/onnx/model.onnx`` or, for ``deploy.model: int8``, ``onnx_int8/model.onnx``."""
-    sub = "onnx_int8" if deploy_cfg["model"] == "int8" else "onnx"
-    return Path(output_dir) / "stage4_export" / sub / "model.onnx"
-
-
 def deploy(
     model: str | os.PathLike,
     eval_dir: str | os.PathLike,
