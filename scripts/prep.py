@@ -13,4 +13,5 @@ with rule_logging(snakemake.log[0], snakemake.threads):
         seed=snakemake.params.seed,
         sdg_path=getattr(snakemake.input, "sdg", None),
         device=snakemake.params.device,
+        val_candidates=snakemake.params.val_candidates,
     )

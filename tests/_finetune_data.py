@@ -13,14 +13,17 @@ WORDS = ("apple banana cherry delta echo falcon guitar harbor island jungle kett
 FILLER = "the of and a to in is was for on with as by at from that this it be are".split()
 
 
-def write_dataset(root, n_queries=40, n_neg=6, positives_per_query=1, seed=0, val_queries=0, marker=True):
+def write_dataset(root, n_queries=40, n_neg=6, positives_per_query=1, seed=0, val_queries=0, marker=True,
+                  first_stage_candidates=False):
     """Queries name a key word; its positive passage repeats it, negatives are about other words.
 
     With ``marker`` every positive also carries the word "relevant" (a signal a 2-layer random
     BERT picks up in a few dozen steps, so tests can assert that the loss falls).
 
     Writes ``root/corpus/train.parquet``, ``root/train_mined.automodel_unrolled.json`` and
-    ``root/val.json`` (with ``val_queries`` held-out queries, or empty data). Returns the paths.
+    ``root/val.json`` (with ``val_queries`` held-out queries, or empty data). With ``first_stage_candidates``
+    each val record also lists ``candidates`` as prep writes them: a first stage's ranking with scores (the
+    positives at ranks 2-3, after a negative). Returns the paths.
     """
     rng = random.Random(seed)
     root = Path(root)
@@ -53,6 +56,9 @@ def write_dataset(root, n_queries=40, n_neg=6, positives_per_query=1, seed=0, va
             else:
                 out.append({"question_id": f"q{q}", "question": question, "corpus_id": "c",
                             "pos_doc": [{"id": p, "score": 0.9} for p in pos], "neg_doc": docs})
+                if first_stage_candidates:
+                    ranking = negs[:1] + pos + negs[1:]
+                    out[-1]["candidates"] = [{"id": d, "score": round(1.0 - 0.1 * r, 3)} for r, d in enumerate(ranking)]
         return out
 
     train = records(0, n_queries)

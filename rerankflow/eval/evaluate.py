@@ -10,14 +10,17 @@
    the corpus are kept (BEIR does) and reported as a warning with their count;
 3. rerank the first ``top_k`` candidates with the base reranker (``base``), the fine-tuned
    checkpoint (``finetuned``) and, when ``eval.endpoint`` is set, the served ``/v1/ranking``
-   (``endpoint``). Candidates beyond ``top_k`` keep their first-stage order below the reranked
+   (``endpoint``); ``fused`` is the fine-tuned reranker fused with its first stage
+   (:mod:`rerankflow.scoring.fusion`) at the weight chosen on validation by stage 2 (the checkpoint's
+   fusion record) or given as ``eval.fusion_weight``, never chosen here, where the labels are test labels.
+   Candidates beyond ``top_k`` keep their first-stage order below the reranked
    ones (BEIR's rerank protocol), so Recall@100 can be reported while only the top 30 are
    rescored. Checkpoint scores go through :mod:`rerankflow.scoring.score_cache` when
    ``eval.cache_scores`` is true: a pair already scored by the same weights and settings is
    never scored again;
 4. metrics with ``pytrec_eval`` (:mod:`rerankflow.eval.metrics`), paired bootstrap CIs and paired
-   significance tests for first_stage->base, base->finetuned, finetuned->endpoint (consecutive
-   systems that were evaluated), breakdown by ``query_type`` / ``reasoning_type``;
+   significance tests of each system against the one before it (first_stage->base->finetuned->fused,
+   among those evaluated) and of finetuned->endpoint, breakdown by ``query_type`` / ``reasoning_type``;
 5. write, in this order, ``eval_results.json`` (NVIDIA's per-system layout plus ``comparisons``,
    ``breakdown``, ``endpoint_parity`` and ``meta``), ``per_query.json``, ``runs/<system>.trec``,
    ``eval_table.tsv`` and ``ndcg_plot.png``, and print the table;
@@ -56,6 +59,7 @@ from rerankflow.models import pick_device
 from rerankflow.retrieval.candidates import candidate_pairs
 from rerankflow.scoring.cross_encoder import CrossEncoderScorer
 from rerankflow.scoring.endpoint import EndpointError, EndpointRanker, discover_endpoint_model
+from rerankflow.scoring.fusion import fuse_run, read_fusion_record
 from rerankflow.scoring.score_cache import ScoreCache, cached_score, scorer_identity
 
 log = logging.getLogger(__name__)
@@ -185,6 +189,7 @@ def evaluate(eval_data_dir, out_dir, *, eval_cfg: dict, retrieval_cfg: dict, rer
     paths = {"base": base_model, "finetuned": finetuned_checkpoint}
     ev["checkpoint"] = _rerank_checkpoints(ev, data, cfg, checkpoints, paths, template=template,
                                            max_length=max_length, device=device)
+    _fuse(ev, cfg, checkpoints["finetuned"])
     if cfg["endpoint"]:
         _rerank_endpoint(ev, data, cfg)
 
@@ -249,6 +254,31 @@ def _rerank_checkpoints(ev: dict, data: dict, cfg: dict, checkpoints: dict, path
     return checkpoint_info
 
 
+def _fuse(ev: dict, cfg: dict, finetuned_dir) -> None:
+    """The system ``fused``: the fine-tuned reranker's candidate scores fused with the first stage's at the
+    weight ``eval.fusion_weight``, else the one stage 2 chose on validation (the checkpoint's fusion record).
+    Records the weight and where it came from in ``ev["fusion"]``; without a weight, no ``fused`` system."""
+    if not cfg["fuse_first_stage"] or "finetuned" not in ev["runs"]:
+        ev["fusion"] = None
+        return
+    if cfg["fusion_weight"] is not None:
+        weight, source = float(cfg["fusion_weight"]), "eval.fusion_weight"
+        record = None
+    else:
+        record = read_fusion_record(finetuned_dir) if isinstance(finetuned_dir, Path) else None
+        if record is None:
+            ev["fusion"] = {"weight": None, "note": "the fine-tuned checkpoint has no fusion record (stage 2 validated "
+                            "without first-stage candidates) and eval.fusion_weight is null: no fused system"}
+            log.warning(ev["fusion"]["note"])
+            return
+        weight, source = record["weight"], "chosen on validation by stage 2 (checkpoint fusion record)"
+    candidates, first = ev["candidates"], ev["runs"]["first_stage"]
+    reranked = {q: {d: ev["runs"]["finetuned"][q][d] for d in docs} for q, docs in candidates.items()}
+    ev["runs"]["fused"] = with_first_stage_tail(fuse_run(reranked, first, weight), first)
+    ev["models"]["fused"] = {"reranker": ev["models"].get("finetuned"), "fusion_weight": weight}
+    ev["fusion"] = {"weight": weight, "source": source, "record": record}
+
+
 def _rerank_endpoint(ev: dict, data: dict, cfg: dict) -> None:
     """Score the candidates through the served endpoint; an unusable endpoint is recorded in ``ev["errors"]``."""
     candidates = ev["candidates"]
@@ -279,9 +309,10 @@ def _metrics(ev: dict, data: dict, cfg: dict, seed: int) -> tuple[dict, dict]:
     for system in SYSTEMS:
         if system in runs:
             results[system], per_query[system] = evaluate_run(data["qrels"], runs[system], k_values)
-    order = [s for s in SYSTEMS if s in results]
+    chain = [s for s in SYSTEMS if s in results and s != "endpoint"]
+    pairs = list(zip(chain, chain[1:])) + ([("finetuned", "endpoint")] if {"finetuned", "endpoint"} <= results.keys() else [])
     comparisons = []
-    for a, b in zip(order, order[1:]):
+    for a, b in pairs:
         c = compare_systems(per_query[a], per_query[b], cfg["comparison_metric"], int(cfg["bootstrap_samples"]),
                             float(cfg["confidence"]), seed)
         comparisons.append({"from": a, "to": b, **c})
@@ -323,6 +354,7 @@ def _meta(ev: dict, data: dict, cfg: dict, *, seed: int, template: str, max_leng
         "seed": seed,
         "mrr_note": "MRR@k is computed from the run (trec_eval's recip_rank has no cutoff), ranking ties like trec_eval",
         "first_stage": ev["first_stage"],
+        "fusion": ev.get("fusion"),
         "prefixes": {k: ev["first_stage"]["dense"][k] for k in ("query_prefix", "passage_prefix")}
         if "dense" in ev["first_stage"] else None,
         "prompt_template": template,

@@ -7,7 +7,7 @@ import math
 from rerankflow.eval.metrics import FAMILIES, metric_value, rank_documents
 from rerankflow.io import atomic_path, write_text
 
-SYSTEMS = ("first_stage", "base", "finetuned", "endpoint")
+SYSTEMS = ("first_stage", "base", "finetuned", "fused", "endpoint")
 
 
 def write_trec_run(path, run: dict, system: str) -> None:

@@ -55,6 +55,7 @@ from rerankflow.export.torch_model import (
 from rerankflow.formatting import check_input_format, check_template, tokenize_pairs
 from rerankflow.io import atomic_path, write_json
 from rerankflow.scoring.export_record import EXPORT_INFO
+from rerankflow.scoring.fusion import read_fusion_record
 from rerankflow.scoring.onnx_session import choose_providers
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,8 @@ def export_onnx(
     input_format: str,
     external_data_threshold_mb: float,
 ) -> Path:
-    """Export ``checkpoint`` to ``out_dir/model.onnx`` (+ ``tokenizer/``, ``rerankflow_export.json``).
+    """Export ``checkpoint`` to ``out_dir/model.onnx`` (+ ``tokenizer/``, ``rerankflow_export.json``, which also
+    carries the checkpoint's fusion record as ``fusion``, or null).
 
     ``input_format``/``prompt_template`` are how the checkpoint reads a pair (as trained); the trace
     sample is tokenized that way and the record holds both, so every consumer scores the same way.
@@ -131,6 +133,9 @@ def export_onnx(
             "input_format": input_format, "prompt_template": prompt_template, "max_length": int(max_length),
             "uses_token_type_ids": "token_type_ids" in input_names, "external_data": external, "weight_bytes": weight_bytes,
             "source_checkpoint": str(checkpoint.resolve()), "exporter": f"torch.onnx.export (TorchScript, torch {torch.__version__})",
+            # the reranker + first-stage fusion weight stage 2 chose on validation (None without one): the
+            # server applies it when a request carries first-stage scores
+            "fusion": read_fusion_record(checkpoint),
         })
     log.info("exported %s -> %s (%s, opset %s, %.1f MB weights%s)", checkpoint, out_dir / "model.onnx", dtype, opset,
              weight_bytes / 1e6, ", external data" if external else "")

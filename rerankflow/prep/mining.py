@@ -1,4 +1,7 @@
-"""Hard-negative mining with a bi-encoder and FAISS.
+"""Hard-negative mining from the chosen first stage: a bi-encoder with FAISS, BM25, a hybrid or a run file.
+
+:func:`mine_hard_negatives` is the dense path (``retrieval.first_stage: dense``);
+:func:`mine_from_first_stage` mines from the ranking of any other first stage with the same rule.
 
 For each training query: score the corpus (a flat :class:`rerankflow.retrieval.retriever.Retriever`:
 exact inner product, in blocks), mask its positives,
@@ -12,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -101,4 +104,92 @@ def mine_hard_negatives(
     res.short = sum(1 for n in res.negatives if len(n) < num_negatives)
     res.stats = {"queries": len(queries), "passages": len(passage_ids), "search_depth": k,
                  "dim": int(corpus_emb.shape[1])}
+    return res
+
+
+def _dense_scorer(retriever: Retriever, queries: Sequence[str], passage_ids: Sequence[str],
+                  passage_texts: Sequence[str]) -> Callable[[int, int], float]:
+    """``score(query index, passage index)``: the bi-encoder's cosine (embeddings from its cache)."""
+    retriever.embedder()
+    p_emb = retriever.embed_passages(passage_ids, passage_texts)
+    q_emb = retriever.embed_queries(queries)
+    return lambda i, p: float(np.dot(q_emb[i], p_emb[p]))
+
+
+def mine_from_first_stage(
+    query_ids: Sequence[str],
+    queries: Sequence[str],
+    positives: Sequence[Sequence[int]],
+    passage_ids: Sequence[str],
+    passage_texts: Sequence[str],
+    allowed: Sequence[Callable[[int], bool]],
+    *,
+    first_stage,
+    corpus: Mapping[str, dict],
+    num_negatives: int,
+    margin: float,
+    depth: int,
+) -> MiningResult:
+    """Mine negatives from the ranking of ``first_stage`` (a :class:`rerankflow.retrieval.first_stage.FirstStage`
+    of kind bm25, hybrid or run; kind dense uses :func:`mine_hard_negatives`, the exact dense search).
+
+    Candidates come in the first stage's order. The false-negative margin (TopK-PercPos) needs scores on one
+    scale for candidates and positives: when the first stage has a dense source, they are the bi-encoder's
+    cosines (so a hybrid is denoised exactly like dense mining); otherwise (bm25, run) the first stage's own
+    scores, with the positive's score taken from the same ranking, and no margin for a query whose positives
+    the first stage did not retrieve. ``neg_doc`` / ``pos_doc`` scores are those margin scores.
+    ``query_ids`` name the queries (a run file is read by them); ``corpus`` is the BEIR-style ``{passage id: {"title", "text"}}`` of ``passage_ids``.
+    """
+    index_of = {p: i for i, p in enumerate(passage_ids)}
+    dense = _dense_scorer(first_stage.retriever, queries, passage_ids, passage_texts) \
+        if first_stage.retriever is not None else None
+    qids = dict(zip(query_ids, queries))  # real ids: a run file is looked up by them
+    max_pos = max((len(p) for p in positives), default=1)
+    k = min(len(passage_ids), num_negatives + max_pos + depth)
+
+    def rank(qmap: Mapping[str, str], top_k: int) -> dict[str, list[tuple[int, float]]]:
+        run, _ = first_stage.retrieve(corpus, qmap, top_k)
+        return {q: [(index_of[d], s) for d, s in docs.items()] for q, docs in run.items()}
+
+    def select(i: int, ranked_docs: list[tuple[int, float]]) -> tuple[list[tuple[int, float]], int, list]:
+        pos = set(positives[i])
+        own = dict(ranked_docs)
+        if dense is not None:
+            score = (lambda p: dense(i, p))
+            pos_scores = [(p, score(p)) for p in pos]
+        else:
+            score = own.get
+            pos_scores = [(p, own[p]) for p in pos if p in own]
+        ceiling = margin * min((s for _, s in pos_scores), default=float("inf"))
+        out, dropped = [], 0
+        for idx, _ in ranked_docs:
+            if idx in pos or not allowed[i](idx):
+                continue
+            s = float(score(idx))
+            if s > ceiling:
+                dropped += 1
+                continue
+            out.append((idx, s))
+            if len(out) >= num_negatives:
+                break
+        full_pos = pos_scores + [(p, 0.0) for p in pos if p not in dict(pos_scores)]
+        return out, dropped, sorted(full_pos, key=lambda x: -x[1])
+
+    ranked = rank(qids, k)
+    res = MiningResult(positives=[], negatives=[])
+    for i in range(len(queries)):
+        negs, dropped, pos_scores = select(i, ranked[query_ids[i]])
+        res.positives.append(pos_scores)
+        res.negatives.append(negs)
+        res.dropped_as_false_negative += dropped
+    short = [i for i, n in enumerate(res.negatives) if len(n) < num_negatives]
+    deep_k = min(len(passage_ids), 8 * k)
+    if short and deep_k > k:
+        log.info("re-ranking %d queries at depth %d for enough negatives", len(short), deep_k)
+        deeper = rank({query_ids[i]: queries[i] for i in short}, deep_k)
+        for i in short:
+            res.negatives[i] = select(i, deeper[query_ids[i]])[0]
+    res.short = sum(1 for n in res.negatives if len(n) < num_negatives)
+    res.stats = {"queries": len(queries), "passages": len(passage_ids), "search_depth": k,
+                 "first_stage": first_stage.kind, "margin_scores": "dense cosine" if dense else "first-stage scores"}
     return res

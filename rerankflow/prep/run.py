@@ -7,9 +7,11 @@ Steps (SPEC.md, stage 1):
    (BEIR input: train/val from ``qrels/train.tsv`` split by query, test from ``qrels/test.tsv``);
 3. build the passage corpus, deduplicated by text, ids ``d_<sha256(text)[:16]>`` (BEIR input keeps
    its own ids);
-4. mine hard negatives for train and val queries (:mod:`rerankflow.prep.mining`); passages of the test
-   split are never negatives, and train queries never get val passages as negatives;
-5. write ``train.json``, ``val.json`` (records without negatives), ``corpus/train.parquet``,
+4. mine hard negatives for train and val queries from the first stage ``retrieval.first_stage``
+   (:mod:`rerankflow.prep.mining`); passages of the test split are never negatives, and train queries
+   never get val passages as negatives; list each val query's top ``val_candidates`` first-stage
+   candidates (with scores) in its ``val.json`` record, so stage 2 validates as stage 3 tests;
+5. write ``train.json`` (records without negatives), ``val.json``, ``corpus/train.parquet``,
    ``train_mined.automodel.json`` (negatives), ``train_mined.automodel_unrolled.json`` (one record per
    positive), the validation file ``val_mined.automodel.json`` and ``eval_beir/`` for the test split.
 
@@ -28,8 +30,8 @@ from pathlib import Path
 from rerankflow.beir import check_qrels, load_corpus, load_qrels, load_queries, passage_text, write_beir
 from rerankflow.errors import InputError
 from rerankflow.io import atomic_path, sha256_text, write_json
-from rerankflow.prep.mining import mine_hard_negatives
-from rerankflow.retrieval.retriever import Retriever
+from rerankflow.prep.mining import mine_from_first_stage, mine_hard_negatives
+from rerankflow.retrieval.first_stage import FirstStage
 from rerankflow.sdg.run import load_sdg_records
 
 log = logging.getLogger(__name__)
@@ -179,10 +181,11 @@ def _check_splits(by_split: dict) -> list[str]:
 
 
 def _write_training_files(out_dir: Path, mine_q: list[dict], mined, pids: list[str], texts: list[str],
-                          psplits: list[set]) -> tuple[list[str], list[dict]]:
+                          psplits: list[set], val_candidates: dict) -> tuple[list[str], list[dict]]:
     """Write the corpus parquet, train.json, val.json and the mined (and unrolled) training files.
 
-    Returns the passage ids of the training corpus and the unrolled records."""
+    ``val_candidates``: ``{val qid: {passage id: first-stage score}}``, written into each val record as
+    ``candidates`` (first-stage order). Returns the passage ids of the training corpus and the unrolled records."""
     index_of = {p: i for i, p in enumerate(pids)}
     parquet = (out_dir / "corpus" / "train.parquet").resolve()
     referenced = set()
@@ -195,7 +198,10 @@ def _write_training_files(out_dir: Path, mine_q: list[dict], mined, pids: list[s
         }
         if q.get("metadata"):
             rec["metadata"] = q["metadata"]
+        if q["split"] == "val" and q["qid"] in val_candidates:
+            rec["candidates"] = [{"id": d, "score": round(s, 6)} for d, s in val_candidates[q["qid"]].items()]
         referenced.update(d["id"] for d in rec["pos_doc"] + rec["neg_doc"])
+        referenced.update(d for d in val_candidates.get(q["qid"], ()) if q["split"] == "val")
         records[q["split"]].append(rec)
 
     def wrap(recs):
@@ -215,12 +221,15 @@ def _write_training_files(out_dir: Path, mine_q: list[dict], mined, pids: list[s
     return train_pids, unrolled
 
 
-def run_prep(out_dir, prep_cfg: dict, retrieval_cfg: dict, *, seed: int, sdg_path=None, device: str) -> dict:
+def run_prep(out_dir, prep_cfg: dict, retrieval_cfg: dict, *, seed: int, sdg_path=None, device: str,
+             val_candidates: int) -> dict:
     """Stage 1 entry point; returns the summary also written to ``prep_summary.json``.
 
-    ``prep_cfg`` / ``retrieval_cfg``: the validated ``prep`` and ``retrieval`` sections (mining embeds
-    with ``prep.mining_batch_size``); ``sdg_path``: stage 0's output, unless
-    ``prep.input_beir`` is set.
+    ``prep_cfg`` / ``retrieval_cfg``: the validated ``prep`` and ``retrieval`` sections: negatives are mined
+    from the first stage ``retrieval.first_stage`` (dense embeds with ``prep.mining_batch_size``);
+    ``sdg_path``: stage 0's output, unless ``prep.input_beir`` is set. ``val_candidates``: how many
+    first-stage candidates of each val query ``val.json`` lists (stage 3's ``eval.top_k``, so stage 2
+    validates exactly as stage 3 tests); 0 lists none (validation then ranks positives + mined negatives).
     """
     t0 = time.time()
     out_dir = Path(out_dir)
@@ -242,20 +251,29 @@ def run_prep(out_dir, prep_cfg: dict, retrieval_cfg: dict, *, seed: int, sdg_pat
     psplits = [data.passage_splits.get(p, set()) for p in pids]
     mine_q = by_split["train"] + by_split["val"]
     t_mine = time.time()
-    mined = mine_hard_negatives(
-        [q["question"] for q in mine_q],
-        [[index_of[p] for p in q["positives"]] for q in mine_q],
-        pids, texts, [_allowed_for(q["split"], psplits) for q in mine_q],
-        retriever=Retriever.from_config({**retrieval_cfg, "batch_size": prep_cfg["mining_batch_size"]}, device=device),
-        num_negatives=n_neg, margin=float(prep_cfg["hard_neg_margin"]), depth=int(prep_cfg["mining_depth"]),
-    )
+    first_stage = FirstStage.from_config({**retrieval_cfg, "batch_size": prep_cfg["mining_batch_size"]}, device=device)
+    mining_args = dict(num_negatives=n_neg, margin=float(prep_cfg["hard_neg_margin"]), depth=int(prep_cfg["mining_depth"]))
+    mine_args = ([q["question"] for q in mine_q], [[index_of[p] for p in q["positives"]] for q in mine_q],
+                 pids, texts, [_allowed_for(q["split"], psplits) for q in mine_q])
+    corpus = {p: data.passages[p] for p in pids}
+    if first_stage.kind == "dense":
+        mined = mine_hard_negatives(*mine_args, retriever=first_stage.retriever, **mining_args)
+    else:
+        mined = mine_from_first_stage([q["qid"] for q in mine_q], *mine_args, first_stage=first_stage,
+                                      corpus=corpus, **mining_args)
     mining_seconds = time.time() - t_mine
+    val_run, val_recall = {}, None
+    if by_split["val"] and int(val_candidates) > 0:
+        val_run, _ = first_stage.retrieve(corpus, {q["qid"]: q["question"] for q in by_split["val"]},
+                                          min(int(val_candidates), len(pids)))
+        hits = [len(set(q["positives"]) & set(val_run[q["qid"]])) / len(q["positives"]) for q in by_split["val"]]
+        val_recall = round(sum(hits) / len(hits), 4)
     if mined.short:
         warnings.append(f"{mined.short} of {len(mine_q)} queries got fewer than {n_neg} hard negatives "
                         "(small corpus or strict margin)")
         log.warning(warnings[-1])
 
-    train_pids, unrolled = _write_training_files(out_dir, mine_q, mined, pids, texts, psplits)
+    train_pids, unrolled = _write_training_files(out_dir, mine_q, mined, pids, texts, psplits, val_run)
 
     test_q = by_split["test"]
     qrels = {q["qid"]: {p: 1 for p in q["positives"]} for q in test_q}
@@ -273,6 +291,9 @@ def run_prep(out_dir, prep_cfg: dict, retrieval_cfg: dict, *, seed: int, sdg_pat
         "mining": {**mined.stats, "seconds": round(mining_seconds, 2),
                    "passages_per_s": round(len(pids) / max(mining_seconds, 1e-9), 1)},
         "retrieval_model": retrieval_cfg["model"],
+        "first_stage": first_stage.settings(),
+        "val_candidates": int(val_candidates) if val_run else 0,
+        "val_first_stage_recall": val_recall,
         "warnings": warnings, "seconds": round(time.time() - t0, 2),
     }
     write_json(out_dir / "prep_summary.json", summary)

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from rerankflow.io import write_json, write_jsonl
+from rerankflow.scoring.fusion import FUSION_RECORD
 from rerankflow.train.report import plot_curve
 
 log = logging.getLogger("rerankflow.train.finetune")
@@ -98,6 +99,12 @@ def prune(ckpt_dir: Path, keep_last: int, keep: set) -> None:
             shutil.rmtree(ckpt_dir / name, ignore_errors=True)
 
 
+def _best_fusion(step_dir: Path) -> dict | None:
+    """The fusion record written with the BEST checkpoint (None without first-stage validation)."""
+    path = Path(step_dir) / "model" / "consolidated" / FUSION_RECORD
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
 def finish(ckpt_dir, out_dir, state, records, data, pairs_done, t_train) -> dict:
     """Point LATEST at the last step and BEST at the best validated one; write the final log, curve and summary."""
     final_name = f"epoch_{state['epoch']}_step_{state['step']}"
@@ -108,7 +115,8 @@ def finish(ckpt_dir, out_dir, state, records, data, pairs_done, t_train) -> dict
     set_link(ckpt_dir, "BEST", best)
     summary = {"steps": state["step"], "total_steps": state["total_steps"], "epoch": state["epoch"],
                "best": best, "latest": final_name, "best_val_ndcg@10": state["best_metric"],
-               "last_val": state["last_val"], "stopped_early": state["stopped_early"],
+               "last_val": state["last_val"], "base_val": state.get("base_val"),
+               "best_fusion": _best_fusion(ckpt_dir / best), "stopped_early": state["stopped_early"],
                "pairs_per_s": round(pairs_done / t_train, 3) if t_train > 0 else None, "hash": state["hash"]}
     if not records or records[-1].get("event") != "end":
         records.append({"event": "end", **summary, "time": time.time()})

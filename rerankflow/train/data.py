@@ -55,12 +55,19 @@ class TrainExample:
 
 @dataclass
 class ValQuery:
-    """One validation query: its candidate list (positives + mined negatives) and relevant ids."""
+    """One validation query: its candidate list and relevant ids.
+
+    From a ``val.json`` record with ``candidates`` (what prep writes): the first stage's top candidates of
+    the query, in first-stage order, with their first-stage scores in ``first_stage`` (a positive the first
+    stage missed is relevant but not a candidate, exactly as on test). From an older record or a holdout:
+    positives + mined negatives, ``first_stage`` empty.
+    """
 
     qid: str
     question: str
     candidates: list[str]
     relevant: set[str]
+    first_stage: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -166,6 +173,20 @@ def build_val_queries(examples: Sequence[TrainExample]) -> list[ValQuery]:
     return list(by_group.values())
 
 
+def val_queries_from_candidates(records: Sequence[dict], path) -> list[ValQuery]:
+    """One :class:`ValQuery` per record that carries the first stage's ``candidates`` (``[{id, score}]``)."""
+    out = []
+    for i, rec in enumerate(records):
+        cands = rec.get("candidates")
+        if not isinstance(cands, list) or not all(isinstance(c, dict) and "id" in c and "score" in c for c in cands):
+            raise InputError(f"record {i} ({rec.get('question_id')!r}): 'candidates' must be a list of {{id, score}}",
+                             path=path)
+        scores = {str(c["id"]): float(c["score"]) for c in cands}
+        out.append(ValQuery(str(rec["question_id"]), str(rec["question"]), list(scores),
+                            set(_doc_ids(rec, "pos_doc", path, i)), scores))
+    return out
+
+
 def holdout_split(examples: list[TrainExample], n_queries: int, seed: int):
     """Hold out ``n_queries`` whole original queries (seeded); return ``(train, val_queries)``."""
     groups = sorted({ex.group for ex in examples})
@@ -194,7 +215,10 @@ def load_training_data(train_path, val_path, val_queries: int, seed: int, val_ma
     vcpath = None
     if val_path and os.path.exists(val_path):
         vcpath, vrecords = read_records(val_path)
-        if vrecords:
+        if vrecords and all("candidates" in r for r in vrecords):
+            val = val_queries_from_candidates(vrecords, val_path)
+            val_source = "val.json (first-stage candidates)"
+        elif vrecords:
             val = build_val_queries(build_examples(vrecords, val_path))
             val_source = "val.json"
     if val and 0 < val_max_queries < len(val):
@@ -216,7 +240,7 @@ def load_training_data(train_path, val_path, val_queries: int, seed: int, val_ma
     for v in val:
         vneeded.update(v.candidates)
     passages = load_passages(cpath)
-    if vcpath and vcpath != cpath and val_source == "val.json":
+    if vcpath and vcpath != cpath and val_source.startswith("val.json"):
         passages.update(load_passages(vcpath))
     missing = sorted((needed | vneeded) - passages.keys())
     if missing:

@@ -20,9 +20,11 @@ import time
 from pathlib import Path
 
 from rerankflow.errors import InputError
+from rerankflow.eval.fusion import choose_fusion_weight
 from rerankflow.eval.metrics import per_query_metrics
 from rerankflow.io import atomic_path, sha256_file, write_json, write_jsonl, write_text
 from rerankflow.scoring.cross_encoder import CrossEncoderScorer
+from rerankflow.scoring.fusion import FUSION_RECORD
 from rerankflow.train.batches import Collator, epoch_batches
 from rerankflow.train.checkpoints import finish, prepare_checkpoint_dir, prune, set_link
 from rerankflow.train.distributed import Dist, rng_state, seed_all, set_rng_state
@@ -47,6 +49,17 @@ def validation_metrics(run: dict[str, dict[str, float]], qrels: dict[str, dict[s
         "val_ndcg@10": round(sum(r["NDCG@10"] for r in per_query.values()) / n, 6),
         "val_queries": n,
     }
+
+
+def fusion_metrics(run: dict[str, dict[str, float]], val: list, qrels: dict[str, dict[str, int]]) -> dict:
+    """The fusion weight chosen on this validation (``val`` queries that carry first-stage scores), as
+    ``{"fusion": choice}`` (see :func:`rerankflow.eval.fusion.choose_fusion_weight`), or ``{}`` without them."""
+    first = {v.qid: v.first_stage for v in val if v.first_stage and v.qid in run}
+    if not first or len(first) < len(val):
+        return {}
+    choice = choose_fusion_weight({q: run[q] for q in first}, first, {q: qrels[q] for q in first})
+    return {"val_fused_ndcg@10": choice["score"], "val_first_stage_ndcg@10": choice["first_stage_score"],
+            "fusion": choice}
 
 
 def _param_groups(model, weight_decay: float):
@@ -107,7 +120,7 @@ class Training:
                       "best_step": None, "best_name": None, "bad_evals": 0, "done": False, "stopped_early": False,
                       "total_steps": self.total, "global_batch_size": self.gb,
                       "n_train_examples": len(self.data.examples), "n_val_queries": len(self.data.val),
-                      "val_source": self.data.val_source, "last_val": None}
+                      "val_source": self.data.val_source, "last_val": None, "base_val": None}
         self.qrels = {v.qid: {d: 1 for d in v.relevant} for v in self.data.val}
         self.live_log = self.out_dir / "training_log.partial.jsonl"
         self.live_fh = None
@@ -246,7 +259,26 @@ class Training:
         merged = {}
         for part in D.gather(run):
             merged.update(part)
-        return validation_metrics(merged, self.qrels)
+        return {**validation_metrics(merged, self.qrels), **fusion_metrics(merged, data.val, self.qrels)}
+
+    def validate_base(self) -> None:
+        """Validate the untouched base model once, before the first step (``finetune.val_at_start``): the
+        reference every later validation is read against, and the base's own fusion weight."""
+        state = self.state
+        if not (self.data.val and self.ft["val_at_start"]) or state["step"] > 0 or state.get("base_val") is not None:
+            return
+        self.model.eval()
+        import torch
+
+        with torch.no_grad():
+            metrics = self.validate()
+        self.model.train()
+        state["base_val"] = metrics
+        self.emit({"event": "val", "step": 0, "epoch": 0, "base": True, **metrics})
+        if self.D.main:
+            log.info("base model: val MRR %.4f nDCG@10 %.4f%s", metrics["val_mrr"], metrics["val_ndcg@10"],
+                     f" (fused with the first stage: {metrics['val_fused_ndcg@10']:.4f} at weight "
+                     f"{metrics['fusion']['weight']:.2f})" if "fusion" in metrics else "")
 
     def save(self, step_metrics) -> str:
         """Write the checkpoint of the current step (all ranks' RNG states), move LATEST/BEST, prune."""
@@ -264,6 +296,9 @@ class Training:
                 self.model.save_pretrained(cons, safe_serialization=True)
                 self.tok.save_pretrained(cons)
                 write_text(cons / "README.md", model_card(spec, state, step_metrics))
+                if step_metrics and "fusion" in step_metrics:
+                    write_json(cons / FUSION_RECORD, {**step_metrics["fusion"], "chosen_on": "validation",
+                                                      "step": state["step"]})
                 write_json(cons / "rerankflow.json", {"prompt_template": spec["prompt_template"],
                                                       "input_format": spec_input_format(spec),
                                                       "max_length": spec["max_length"], "step": state["step"],
@@ -328,7 +363,9 @@ class Training:
             state["last_val"] = metrics
             self.emit({"event": "val", "step": state["step"], "epoch": state["epoch"], **metrics})
             if self.D.main:
-                log.info("step %d: val MRR %.4f nDCG@10 %.4f", state["step"], metrics["val_mrr"], metrics["val_ndcg@10"])
+                log.info("step %d: val MRR %.4f nDCG@10 %.4f%s", state["step"], metrics["val_mrr"], metrics["val_ndcg@10"],
+                         f" (fused {metrics['val_fused_ndcg@10']:.4f} at weight {metrics['fusion']['weight']:.2f})"
+                         if "fusion" in metrics else "")
             if state["best_metric"] is None or metrics["val_ndcg@10"] > state["best_metric"]:
                 improved = True
                 state.update(best_metric=metrics["val_ndcg@10"], best_step=state["step"], bad_evals=0,
@@ -386,6 +423,7 @@ def train(spec: dict) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     t = Training(spec)
     t.resume_or_start()
+    t.validate_base()
     pairs_done, t_train = t.run()
     summary = None
     if t.D.main:  # also reached directly when resuming a finished run

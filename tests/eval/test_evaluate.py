@@ -489,3 +489,51 @@ def test_rule_endpoint_mismatch_fails_and_keeps_results(setup, tmp_path):
     assert not (tmp_path / "out" / "stage3_eval" / "eval_results.json").exists()  # removed by Snakemake
     kept = json.loads((tmp_path / "out" / "stage3_eval" / "last_failure" / "eval_results.json").read_text())
     assert kept["endpoint_parity"]["passed"] is False and {"first_stage", "finetuned", "endpoint"} <= set(kept)
+
+
+def test_fused_system_uses_the_weight_chosen_on_validation_never_test(setup, tmp_path):
+    """The fused system applies the checkpoint's fusion record (stage 2's choice on validation) unchanged,
+    even where another weight would score better on these test labels; eval.fusion_weight overrides it;
+    it is compared with finetuned; a checkpoint without a record gives no fused system."""
+    import shutil
+
+    from rerankflow.eval.fusion import choose_fusion_weight
+    from rerankflow.eval.metrics import per_query_metrics
+    from rerankflow.scoring.fusion import FUSION_RECORD, fuse_run
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(setup["finetuned"], ckpt)
+    cons = ckpt / "model" / "consolidated"
+    cfg = {**EVAL_CFG, "eval_base": False, "score_cache_dir": str(tmp_path / "cache")}
+    plain = evaluate(setup["data"], tmp_path / "plain", eval_cfg=cfg, retrieval_cfg=setup["retrieval"],
+                     reranker_cfg=RERANKER_CFG, finetuned_checkpoint=ckpt, device="cpu")
+    assert "fused" not in plain and plain["meta"]["fusion"]["weight"] is None
+    runs = {s: _read_run(tmp_path / "plain" / "runs" / f"{s}.trec") for s in ("first_stage", "finetuned")}
+    on_test = choose_fusion_weight(runs["finetuned"], runs["first_stage"], per_query_metrics.__globals__["evaluable_qrels"](
+        {q: {d: 1 for d in v[1]} for q, v in QUESTIONS.items()}))
+    weight = 0.0 if on_test["weight"] > 0.5 else 1.0  # a weight test labels would not choose
+    assert on_test["by_weight"][f"{weight:.2f}"] != on_test["score"] or weight == on_test["weight"]
+    (cons / FUSION_RECORD).write_text(json.dumps({"weight": weight, "method": "convex_minmax", "chosen_on": "validation"}))
+    res = evaluate(setup["data"], tmp_path / "fused", eval_cfg=cfg, retrieval_cfg=setup["retrieval"],
+                   reranker_cfg=RERANKER_CFG, finetuned_checkpoint=ckpt, device="cpu")
+    assert res["meta"]["fusion"]["weight"] == weight and "validation" in res["meta"]["fusion"]["source"]
+    fused = _read_run(tmp_path / "fused" / "runs" / "fused.trec")
+    # weight 1 ranks as the reranker alone, weight 0 as the first stage (the tiny model's logits differ in the
+    # 6th decimal, so the ranking, not the rounded scores of the TREC files, is what can be compared exactly)
+    followed = runs["finetuned"] if weight == 1.0 else runs["first_stage"]
+    for q in followed:
+        assert list(fused[q]) == list(followed[q]), q
+    assert fuse_run({"q": {"a": 2.0, "b": 0.0, "c": 1.0}}, {"q": {"a": 0.0, "b": 1.0, "c": 0.5}}, 0.25) == \
+        {"q": {"b": 0.75, "c": 0.5, "a": 0.25}}
+    assert ("finetuned", "fused") in [(c["from"], c["to"]) for c in res["comparisons"]]
+    override = evaluate(setup["data"], tmp_path / "over", eval_cfg={**cfg, "fusion_weight": 0.5},
+                        retrieval_cfg=setup["retrieval"], reranker_cfg=RERANKER_CFG, finetuned_checkpoint=ckpt, device="cpu")
+    assert override["meta"]["fusion"] == {"weight": 0.5, "source": "eval.fusion_weight", "record": None}
+
+
+def _read_run(path):
+    run = {}
+    for line in Path(path).read_text().splitlines():
+        q, _, d, _, s, _ = line.split()
+        run.setdefault(q, {})[d] = float(s)
+    return {q: dict(sorted(docs.items(), key=lambda x: -x[1])) for q, docs in run.items()}

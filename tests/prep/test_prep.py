@@ -29,7 +29,7 @@ def prepped(tmp_path_factory):
     run_sdg(TEST_CORPUS, root / "s0", CONFIG["corpus"], SDG, RETR, seed=5, device="auto")
     retr = {**RETR, "cache_dir": str(root / "cache")}
     summary = run_prep(root / "s1", PREP, retr, seed=5, sdg_path=root / "s0",
-                       device="auto")
+                       device="auto", val_candidates=10)
     return root, summary
 
 
@@ -147,10 +147,61 @@ def test_labelled_beir_input(tmp_path):
                split="train")
     (tmp_path / "b" / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq5\tc2\t1\nq6\tc6\t1\n")
     prep = {**PREP, "input_beir": str(tmp_path / "b"), "val_ratio": 0.25, "hard_negatives_to_mine": 3}
-    s = run_prep(tmp_path / "s1", prep, RETR, seed=1, device="auto")
+    s = run_prep(tmp_path / "s1", prep, RETR, seed=1, device="auto", val_candidates=5)
     assert s["source"] == "beir" and s["queries_per_split"]["test"] == 2
     assert s["queries_per_split"]["train"] + s["queries_per_split"]["val"] == 4
     _, tq, tqrels = load_beir(tmp_path / "s1/eval_beir", "test")
     assert tqrels == {"q5": {"c2": 1}, "q6": {"c6": 1}}
     for rec in json.loads((tmp_path / "s1/train_mined.automodel.json").read_text())["data"]:
         assert not {d["id"] for d in rec["neg_doc"]} & {"c2", "c6"}
+
+
+def test_val_records_list_the_first_stage_candidates(prepped):
+    """Each val record carries the first stage's top candidates, in its order, with its scores, and the
+    parquet holds every one of them, so stage 2 can rerank them as stage 3 reranks test candidates."""
+    root, summary = prepped
+    val = _load(root, "val.json")["data"]
+    assert val and all("candidates" in r for r in val)
+    ids = set(pq.read_table(root / "s1/corpus/train.parquet").column("id").to_pylist())
+    for rec in val:
+        scores = [c["score"] for c in rec["candidates"]]
+        assert 1 <= len(scores) <= 10 and scores == sorted(scores, reverse=True)
+        assert {c["id"] for c in rec["candidates"]} <= ids
+    assert summary["val_candidates"] == 10 and 0.0 <= summary["val_first_stage_recall"] <= 1.0
+    assert summary["first_stage"]["kind"] == "dense"
+
+
+def _bm25_beir(tmp_path):
+    words = ["honey bees nectar", "tides moon gravity", "volcano magma lava", "chain links stretch", "sourdough starter yeast",
+             "solar cells light", "compost oxygen worms", "aqueduct gravity water", "glacier ice valley", "coral reef fish"]
+    corpus = {f"c{i}": {"title": "", "text": f"{w} " * 3 + f"filler text number {i}"} for i, w in enumerate(words)}
+    corpus["c10"] = {"title": "", "text": "bees keep a hive"}  # shares one query word: a hard negative
+    corpus["c11"] = {"title": "", "text": "honey bees nectar " * 3 + "filler text number 11"}  # a likely false negative
+    queries = {f"q{i}": words[i].split()[0] + " " + words[i].split()[1] for i in range(10)}
+    qrels_train = {f"q{i}": {f"c{i}": 1} for i in range(8)}
+    write_beir(tmp_path / "b", corpus, queries, qrels_train, split="train")
+    (tmp_path / "b" / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq8\tc8\t1\nq9\tc9\t1\n")
+    return tmp_path / "b"
+
+
+def test_mining_from_a_bm25_first_stage(tmp_path):
+    """retrieval.first_stage bm25: negatives come from the BM25 ranking (c10 is the hardest negative of "honey
+    bees"; c11, scoring like the positive, is dropped by the margin), test passages never, and val candidates
+    are BM25's top documents."""
+    beir = _bm25_beir(tmp_path)
+    cfg = load_config({"retrieval": {"first_stage": "bm25", "cache_dir": str(tmp_path / "cache")},
+                       "prep": {"input_beir": str(beir), "train_ratio": 0.75, "val_ratio": 0.25, "test_ratio": 0.0,
+                                "hard_negatives_to_mine": 2, "mining_depth": 5}})
+    s = run_prep(tmp_path / "s1", cfg["prep"], cfg["retrieval"], seed=3, device="cpu", val_candidates=4)
+    assert s["first_stage"]["kind"] == "bm25" and s["mining"]["first_stage"] == "bm25"
+    recs = {r["question_id"]: r for r in json.loads((tmp_path / "s1/train_mined.automodel.json").read_text())["data"]}
+    recs.update({r["question_id"]: r for r in json.loads((tmp_path / "s1/val.json").read_text())["data"]})
+    assert [d["id"] for d in recs["q0"]["neg_doc"]] == ["c10"] and s["dropped_as_false_negatives"] >= 1
+    for rec in recs.values():
+        assert not {d["id"] for d in rec["neg_doc"]} & {"c8", "c9"}
+    from rerankflow.retrieval.bm25 import BM25Settings, bm25_retrieve
+    corpus, queries, _ = load_beir(beir, "train")
+    for rec in json.loads((tmp_path / "s1/val.json").read_text())["data"]:
+        run, _ = bm25_retrieve(corpus, {rec["question_id"]: rec["question"]}, 4,
+                               BM25Settings.from_config(cfg["retrieval"]["bm25"]), None)
+        assert [c["id"] for c in rec["candidates"]] == list(run[rec["question_id"]])

@@ -50,8 +50,11 @@ def test_loss_falls_and_best_loads_in_crossencoder(trained):
     for r in recs:
         if r["event"] == "train":
             assert {"step", "loss", "lr", "grad_norm", "pairs_per_s"} <= r.keys()
-    vals = [r for r in recs if r["event"] == "val"]
+    vals = [r for r in recs if r["event"] == "val" and not r.get("base")]
     assert [v["step"] for v in vals] == [10, 20, 30, 40]
+    base_val = [r for r in recs if r["event"] == "val" and r.get("base")]
+    assert [v["step"] for v in base_val] == [0] and summary["base_val"]["val_ndcg@10"] == base_val[0]["val_ndcg@10"]
+    assert "fusion" not in vals[0] and summary["best_fusion"] is None  # a holdout has no first-stage scores
     assert max(v["val_ndcg@10"] for v in vals) > vals[0]["val_ndcg@10"] or vals[0]["val_ndcg@10"] == 1.0
 
     ckpt = root / "out" / "checkpoints"
@@ -288,3 +291,34 @@ def test_run_hash_of_template_runs_is_unchanged_by_the_input_format_key(tmp_path
     with pytest.raises(ValueError, match="reranker.input_format.*'sentences'"):
         make_spec(train, val, str(base), tmp_path / "o", FT, dict(RERANKER, input_format="sentences"), seed=1,
                   device="cpu", threads=1)
+
+
+def test_validation_on_first_stage_candidates_chooses_the_fusion_weight(tmp_path):
+    """val.json records with first-stage candidates: validation reranks exactly those, the base is validated at
+    step 0, and every validated checkpoint carries the fusion weight chosen on that validation (the best of the
+    grid; ties towards the reranker), which training_summary.json repeats for BEST."""
+    from rerankflow.eval.fusion import WEIGHT_GRID
+    from rerankflow.scoring.fusion import FUSION_RECORD, read_fusion_record
+
+    train, val, _ = write_dataset(tmp_path / "data", n_queries=16, val_queries=4, first_stage_candidates=True)
+    ft = {**FT, "max_steps": 8, "val_every_steps": 4, "checkpoint_every_steps": 0}
+    data = load_training_data(train, val, 0, 1, 0)
+    assert data.val_source == "val.json (first-stage candidates)"
+    assert all(v.candidates[0] not in v.relevant and len(v.first_stage) == len(v.candidates) == 7 for v in data.val)
+    summary = run_finetune(train, val, str(tiny_bert(tmp_path / "base")), tmp_path / "out", ft, RERANKER, seed=3,
+                           device="cpu", threads=1, gpus=0)
+    recs = _log(tmp_path)
+    vals = [r for r in recs if r["event"] == "val"]
+    assert [(v["step"], bool(v.get("base"))) for v in vals] == [(0, True), (4, False), (8, False)]
+    for v in vals:
+        f = v["fusion"]
+        assert f["queries"] == 4 and f["weight"] in WEIGHT_GRID and v["val_fused_ndcg@10"] == f["score"]
+        best = max(f["by_weight"].values())
+        assert f["score"] == best and f"{f['weight']:.2f}" == max(w for w, s in f["by_weight"].items() if s == best)
+        # weight 0 is the first stage alone: positives at rank 2 -> nDCG@10 = 1/log2(3)
+        assert v["val_first_stage_ndcg@10"] == pytest.approx(1 / np.log2(3), abs=1e-5)
+    record = read_fusion_record(tmp_path / "out" / "checkpoints" / "BEST" / "model" / "consolidated")
+    assert record["chosen_on"] == "validation" and record["step"] == summary["best_fusion"]["step"]
+    assert record["weight"] == summary["best_fusion"]["weight"]
+    assert summary["base_val"]["fusion"]["weight"] in WEIGHT_GRID
+    assert (tmp_path / "out" / "checkpoints" / "LATEST" / "model" / "consolidated" / FUSION_RECORD).is_file()

