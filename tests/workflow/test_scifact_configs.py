@@ -81,6 +81,9 @@ def test_bench_data_checks_and_overlay(tmp_path, tiny_beir):
     assert files[:2] == ["config/scifact.yaml", "config/scifact_sdg.yaml"]
     doc = yaml.safe_load(open(files[2]))
     assert doc == {"eval": {"eval_data_path": str(tiny_beir)}, "corpus": {"dir": str(tiny_beir / "corpus.jsonl")}}
+    files = bench.overlay(bench.DEFAULT_DATA, tmp_path, "A", "hybrid")  # another first stage: its own output folder
+    doc = yaml.safe_load(open(files[1]))
+    assert doc["retrieval"]["first_stage"] == "hybrid" and doc["output_dir"] == "output/scifact/supervised-hybrid"
 
 
 def test_bench_report_from_real_eval_outputs(tmp_path, tiny_beir):
@@ -97,11 +100,14 @@ def test_bench_report_from_real_eval_outputs(tmp_path, tiny_beir):
     bench = _bench()
     cfg = yaml.safe_load((REPO / "config/scifact.yaml").read_text())
     summary = bench.summarize(tmp_path / "output/scifact/supervised", cfg)
-    assert set(summary["systems"]) == {"first_stage", "base", "finetuned"}
+    # stage 2 validated on first-stage candidates, so the checkpoint carries a fusion weight and stage 3 fuses
+    assert set(summary["systems"]) == {"first_stage", "base", "finetuned", "fused"}
+    assert summary["fusion"]["weight"] == summary["finetune"]["best_fusion"]["weight"]
     assert summary["top_k"] == 5 and summary["first_stage_depth"] == 10
     assert summary["input_formats"] == {"base": "pair", "finetuned": "pair"}
     pairs = {(c["from"], c["to"], c["metric"]) for c in summary["comparisons"]}
     assert ("base", "finetuned", "NDCG@10") in pairs and ("first_stage", "finetuned", "MRR@10") in pairs
+    assert ("finetuned", "fused", "NDCG@10") in pairs and ("first_stage", "fused", "NDCG@10") in pairs
     for c in summary["comparisons"]:
         assert c["ci_low"] <= c["delta"] <= c["ci_high"]
     report = {"date": "2026-11-26", "machine": "test", "variants": [{
@@ -110,4 +116,5 @@ def test_bench_report_from_real_eval_outputs(tmp_path, tiny_beir):
         **summary}]}
     md = bench.markdown(report)
     assert "| finetuned |" in md and "| base → finetuned | NDCG@10 |" in md and "Recall@5" in md
+    assert "| fused |" in md and "| first_stage → fused | NDCG@10 |" in md and "first stage dense" in md
     assert "| finetune (up to date: earlier run) | – |" in md
