@@ -15,7 +15,7 @@ from snakemake.utils import min_version, validate
 min_version("9.0")
 sys.path.insert(0, workflow.basedir)  # the rerankflow package, also without pip install -e
 
-from rerankflow.config import canonical, check_config, config_warnings
+from rerankflow.config import canonical, check_config, check_input_paths, config_warnings
 from rerankflow.retrieval.first_stage import check_first_stage_config
 
 
@@ -24,6 +24,7 @@ configfile: f"{workflow.basedir}/config/config.yaml"
 
 check_config(config, f"{workflow.basedir}/config/schema.yaml")  # errors that name the key
 validate(config, "config/schema.yaml", set_default=True)
+check_input_paths(config)  # every configured input path exists and holds what is read (errors name the key)
 check_first_stage_config(config["retrieval"])  # cross-key checks: hybrid weights, run_file (errors name the key)
 for _warning in config_warnings(config):
     print(f"rerankflow config warning: {_warning}", file=sys.stderr)
