@@ -57,3 +57,17 @@ rule all:
     default_target: True
     input:
         default_targets(),
+
+
+# How the run ended, said last: the final table and where things are, or which rule failed and its log
+# (rerankflow/run_summary.py). Not run for dry runs or with --no-hooks.
+onsuccess:
+    from rerankflow.run_summary import success_summary
+
+    print(success_summary(config["output_dir"], [str(p) for p in workflow.overwrite_configfiles or []]), file=sys.stderr)
+
+
+onerror:
+    from rerankflow.run_summary import failure_summary
+
+    print(failure_summary(log), file=sys.stderr)
