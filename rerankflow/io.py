@@ -124,7 +124,8 @@ def iter_jsonl_numbered(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise InputError(f"malformed JSON line ({exc.msg}); expected one JSON object per line", path=path, line=lineno) from None
+                raise InputError(f"malformed JSON line: {exc.msg} at line {lineno} column {exc.colno} (character {exc.pos} "
+                                 "of the line); expected one JSON object per line", path=path, line=lineno) from None
             if not isinstance(obj, dict):
                 raise InputError(f"expected a JSON object, got {type(obj).__name__}", path=path, line=lineno)
             yield lineno, obj
