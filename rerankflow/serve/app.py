@@ -17,9 +17,16 @@ Endpoints (all JSON):
   ``input_format`` the model is served with).
 
 Errors are ``{"object": "error", "type", "message", "detail"}`` with status 400 (invalid JSON,
-too many passages, text too long, over-long pair with ``truncate: NONE``), 401 (missing or wrong
-bearer token), 413 (body larger than ``max_body_bytes``) or 422 (missing fields, wrong types,
-empty passage list). A bad request never takes the server down.
+too many passages, text too long, over-long pair with ``truncate: NONE``, a query that fills
+``max_length``, first-stage scores without a fusion weight), 401 (missing or wrong bearer token), 408
+(body slower than ``body_timeout_s``), 413 (body larger than ``max_body_bytes``), 422 (missing fields,
+wrong types, empty passage list, ``first_stage_score`` on some passages only) or 503 with ``Retry-After``
+(``max_queued_pairs`` reached). A bad request never takes the server down; a client that hangs up has its
+queued pairs dropped (logged as 499).
+
+Fusion (a rerankflow extension): when every passage of a ``/v1/ranking`` request carries
+``first_stage_score``, the rankings are ordered by ``fused_score`` (see docs/deploy.md) with the weight
+``deploy.fusion_weight`` or the export record's ``fusion.weight``.
 
 Dynamic batching (``dynamic_batching: true``): pairs of concurrent requests are queued and
 ``batch_workers`` worker threads run them through ONNX Runtime in batches of at most

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 from fastapi import Request
+from starlette.requests import ClientDisconnect
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -103,6 +104,9 @@ class Routes:
                     if size > limit:
                         raise ApiError(413, "payload_too_large", f"request body exceeds max_body_bytes={limit}")
                     chunks.append(chunk)
+        except ClientDisconnect:  # hung up in the middle of its body: nobody to answer, not a server error
+            self.cancelled_requests += 1
+            raise ClientGone() from None
         except TimeoutError:
             raise ApiError(408, "request_timeout", f"request body not received within body_timeout_s={timeout_s:g} s "
                                                    f"({size} bytes arrived)", headers={"Connection": "close"}) from None
