@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -69,6 +70,19 @@ def read_until_closed(s: socket.socket, bound_s: float = 30.0) -> bytes:
         if not chunk:
             return out
         out += chunk
+
+
+def read_response(s: socket.socket, bound_s: float = 30.0) -> bytes:
+    """One whole HTTP response (headers and a Content-Length body), leaving the connection open."""
+    s.settimeout(bound_s)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += s.recv(65536)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+    while len(rest) < length:
+        rest += s.recv(65536)
+    return head + b"\r\n\r\n" + rest
 
 
 def wait_for(cond, bound_s: float = 30.0, what: str = "condition") -> None:
@@ -190,8 +204,7 @@ def test_idle_and_slow_sockets_are_closed_by_the_timeouts(scorer):
         # a kept-alive connection that starts a second request and stalls in its headers is closed too
         again = connect(srv.url)
         again.sendall(raw_post("/v1/ranking", body()))
-        again.settimeout(30)
-        assert again.recv(65536).startswith(b"HTTP/1.1 200")
+        assert read_response(again).startswith(b"HTTP/1.1 200")
         again.sendall(b"POST /v1/ranking HTTP/1.1\r\n")
         assert read_until_closed(again) == b""
 
