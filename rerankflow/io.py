@@ -36,8 +36,17 @@ def atomic_path(dest: str | os.PathLike, *, is_dir: bool = False) -> Iterator[Pa
     try:
         yield tmp
         if is_dir and dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
+            # moved aside, not deleted first: until the new folder is in place the old one exists under some name
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
+            os.replace(dest, old / dest.name)
+            try:
+                os.replace(tmp, dest)
+            except BaseException:
+                os.replace(old / dest.name, dest)  # put the previous folder back
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
     except BaseException:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -124,7 +133,8 @@ def iter_jsonl_numbered(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise InputError(f"malformed JSON line ({exc.msg}); expected one JSON object per line", path=path, line=lineno) from None
+                raise InputError(f"malformed JSON line: {exc.msg} at line {lineno} column {exc.colno} (character {exc.pos} "
+                                 "of the line); expected one JSON object per line", path=path, line=lineno) from None
             if not isinstance(obj, dict):
                 raise InputError(f"expected a JSON object, got {type(obj).__name__}", path=path, line=lineno)
             yield lineno, obj

@@ -47,15 +47,25 @@ def _add_span(text: str, start: int, end: int, spans: list[tuple[int, int]]) -> 
     spans.append((start + lead, start + lead + len(stripped)))
 
 
-def chunk_document(text: str, sentences_per_chunk: int) -> list[dict]:
+def split_word_windows(text: str, window_words: int) -> list[tuple[int, int]]:
+    """``(start, end)`` spans of consecutive windows of ``window_words`` words (the last may be shorter):
+    the pseudo-sentences of text written without sentence punctuation."""
+    if window_words < 1:
+        raise ValueError("window_words must be >= 1")
+    words = [(m.start(), m.end()) for m in re.finditer(r"\S+", text)]
+    return [(words[i][0], words[min(i + window_words, len(words)) - 1][1]) for i in range(0, len(words), window_words)]
+
+
+def chunk_document(text: str, sentences_per_chunk: int, window_words: int | None = None) -> list[dict]:
     """Group consecutive sentences into chunks of ``sentences_per_chunk`` (the last may be shorter).
 
     Each chunk records its sentence spans under ``"sentences"`` (document offsets) so callers can
-    work at sentence level; ``text`` is ``document[start:end]``.
+    work at sentence level; ``text`` is ``document[start:end]``. With ``window_words``, windows of that
+    many words (:func:`split_word_windows`) stand in for sentences.
     """
     if sentences_per_chunk < 1:
         raise ValueError("sentences_per_chunk must be >= 1")
-    sents = split_sentences(text)
+    sents = split_word_windows(text, window_words) if window_words else split_sentences(text)
     chunks = []
     for i in range(0, len(sents), sentences_per_chunk):
         group = sents[i:i + sentences_per_chunk]

@@ -33,7 +33,7 @@ import re
 
 from tqdm import tqdm
 
-from rerankflow.sdg.chunking import chunk_document
+from rerankflow.sdg.chunking import chunk_document, split_sentences
 from rerankflow.sdg.corpus import Document
 
 log = logging.getLogger(__name__)
@@ -87,22 +87,29 @@ def _candidate(doc_text: str, chunk: dict, span, min_words: int, max_words: int)
     return min_words <= n <= max_words and len(chunk["sentences"]) >= 2
 
 
-def generate_for_document(doc: Document, sentences_per_chunk: int, num_pairs: int, rng: random.Random,
-                          min_words: int = 8, max_words: int = 40) -> dict:
-    """Build one SDG record for ``doc`` with up to ``num_pairs`` inverse-cloze questions."""
-    chunks = chunk_document(doc.text, sentences_per_chunk)
+OUTCOMES = ("questions", "too_short", "one_sentence", "no_usable_sentence")
+
+
+def window_words(min_words: int, max_words: int) -> int:
+    """Words per pseudo-sentence when a document has no sentence punctuation: twice the shortest question,
+    within the question limits."""
+    return max(min_words, min(max_words, 2 * min_words))
+
+
+def _pairs_from_chunks(text: str, chunks: list[dict], num_pairs: int, rng: random.Random, min_words: int,
+                       max_words: int) -> tuple[list[dict], list[dict]]:
     eligible = [c for c in chunks if len(c["sentences"]) >= 2]
     rng.shuffle(eligible)
     pairs, evaluations = [], []
     for chunk in eligible:
         if len(pairs) >= num_pairs:
             break
-        spans = [s for s in chunk["sentences"] if _candidate(doc.text, chunk, s, min_words, max_words)]
+        spans = [s for s in chunk["sentences"] if _candidate(text, chunk, s, min_words, max_words)]
         if not spans:
             continue
         span = rng.choice(spans)
-        question = _clean(doc.text[span[0]:span[1]])
-        rest = [doc.text[s[0]:s[1]] for s in chunk["sentences"] if tuple(s) != tuple(span)]
+        question = _clean(text[span[0]:span[1]])
+        rest = [text[s[0]:s[1]] for s in chunk["sentences"] if tuple(s) != tuple(span)]
         chunk["text"] = " ".join(_clean(r) for r in rest)
         pairs.append({
             "question": question,
@@ -114,21 +121,73 @@ def generate_for_document(doc: Document, sentences_per_chunk: int, num_pairs: in
             "hop_count": 1,
         })
         evaluations.append(judge(question, chunk["text"], min_words, max_words))
-    return {
+    return pairs, evaluations
+
+
+def _lacks_sentences(text: str, chunks: list[dict], max_words: int) -> bool:
+    """Written without sentence punctuation: one sentence only, or a 'sentence' longer than any question."""
+    spans = [s for c in chunks for s in c["sentences"]]
+    return len(spans) < 2 or any(len(text[a:b].split()) > max_words for a, b in spans)
+
+
+def document_outcome(doc: Document, sentences_per_chunk: int, num_pairs: int, rng: random.Random,
+                     min_words: int = 8, max_words: int = 40) -> tuple[dict, str, bool]:
+    """``(record, outcome, word_windows)`` of one document (see :func:`generate_for_document`).
+
+    ``outcome`` is ``questions`` or why the document gave none: ``too_short`` (fewer than two questions'
+    worth of words), ``one_sentence`` (one sentence and too few words for word windows), or
+    ``no_usable_sentence`` (sentences, but none of ``min_words``..``max_words`` words in a chunk with
+    another). A document without sentence punctuation (one sentence, or a run-on longer than
+    ``max_words`` words) that gives no question from its sentences is cut into word windows of
+    :func:`window_words` words instead, which then serve as its sentences (``word_windows`` True).
+    """
+    text = doc.text
+    chunks = chunk_document(text, sentences_per_chunk)
+    pairs, evaluations = _pairs_from_chunks(text, chunks, num_pairs, rng, min_words, max_words)
+    windows = False
+    if not pairs and len(text.split()) >= 2 * min_words and _lacks_sentences(text, chunks, max_words):
+        windows = True
+        chunks = chunk_document(text, max(2, sentences_per_chunk), window_words(min_words, max_words))
+        pairs, evaluations = _pairs_from_chunks(text, chunks, num_pairs, rng, min_words, max_words)
+    if pairs:
+        outcome = "questions"
+    elif len(text.split()) < 2 * min_words:
+        outcome = "too_short"
+    elif len(split_sentences(text)) < 2:
+        outcome = "one_sentence"
+    else:
+        outcome = "no_usable_sentence"
+    record = {
         "file_name": doc.file_name,
         "source_id": doc.source_id,
-        "text": doc.text,
+        "text": text,
         "chunks": chunks,
         "deduplicated_qa_pairs": pairs,
         "qa_evaluations": {"evaluations": evaluations},
     }
+    return record, outcome, windows and bool(pairs)
+
+
+def generate_for_document(doc: Document, sentences_per_chunk: int, num_pairs: int, rng: random.Random,
+                          min_words: int = 8, max_words: int = 40) -> dict:
+    """Build one SDG record for ``doc`` with up to ``num_pairs`` inverse-cloze questions."""
+    return document_outcome(doc, sentences_per_chunk, num_pairs, rng, min_words, max_words)[0]
+
+
+def generate_offline_with_outcomes(docs: list[Document], sentences_per_chunk: int, num_pairs: int, seed: int,
+                                   min_words: int = 8, max_words: int = 40) -> tuple[list[dict], list[str], int]:
+    """``(records, outcome per document, documents cut into word windows)``; deterministic for a seed and corpus."""
+    records, outcomes, windowed = [], [], 0
+    for doc in tqdm(docs, desc="offline SDG", unit="doc"):
+        rng = random.Random(f"{seed}:{doc.source_id}")
+        record, outcome, windows = document_outcome(doc, sentences_per_chunk, num_pairs, rng, min_words, max_words)
+        records.append(record)
+        outcomes.append(outcome)
+        windowed += int(windows)
+    return records, outcomes, windowed
 
 
 def generate_offline(docs: list[Document], sentences_per_chunk: int, num_pairs: int, seed: int,
                      min_words: int = 8, max_words: int = 40) -> list[dict]:
     """Records for every document; deterministic for a given seed and corpus."""
-    records = []
-    for doc in tqdm(docs, desc="offline SDG", unit="doc"):
-        rng = random.Random(f"{seed}:{doc.source_id}")
-        records.append(generate_for_document(doc, sentences_per_chunk, num_pairs, rng, min_words, max_words))
-    return records
+    return generate_offline_with_outcomes(docs, sentences_per_chunk, num_pairs, seed, min_words, max_words)[0]

@@ -145,8 +145,13 @@ def load_sdg_records(sdg_path) -> list[dict]:
 
 
 def run_sdg(corpus_dir, out_dir, corpus_cfg: dict, sdg_cfg: dict, retrieval_cfg: dict, seed: int,
-            device: str) -> Path:
+            device: str, quality_threshold: float | None = None) -> Path:
     """Stage 0 entry point: read documents, generate with the configured backend, dedupe, write.
+
+    The manifest counts documents by outcome (``documents_by_outcome``: questions, too_short, one_sentence,
+    no_usable_sentence, duplicate, and judged_low when ``quality_threshold`` (prep's) is given); when no
+    document gave a usable question the stage fails here, naming the reasons, instead of leaving prep an
+    empty input.
 
     ``corpus_cfg`` / ``sdg_cfg`` / ``retrieval_cfg``: the validated ``corpus``, ``sdg`` and ``retrieval``
     sections (``retrieval.model`` is the near-duplicate embedder). Returns the manifest path. The ``llm``
@@ -157,16 +162,18 @@ def run_sdg(corpus_dir, out_dir, corpus_cfg: dict, sdg_cfg: dict, retrieval_cfg:
     t0 = time.time()
     summary: dict = {"backend": backend, "seed": seed}
     if backend == "offline":
-        from rerankflow.sdg.offline import generate_offline
+        from rerankflow.sdg.offline import generate_offline_with_outcomes
 
         off = sdg_cfg["offline"]
-        records = generate_offline(docs, sdg_cfg["sentences_per_chunk"], sdg_cfg["num_pairs"], seed,
-                                   off["min_question_words"], off["max_question_words"])
+        records, outcomes, windowed = generate_offline_with_outcomes(
+            docs, sdg_cfg["sentences_per_chunk"], sdg_cfg["num_pairs"], seed, off["min_question_words"], off["max_question_words"])
+        summary["num_documents_cut_into_word_windows"] = windowed
     elif backend == "llm":
         from rerankflow.sdg.llm import generate_llm
 
         records, llm_summary = generate_llm(docs, sdg_cfg, retrieval_cfg, seed, out_dir=out_dir, device=device)
         summary["llm"] = llm_summary
+        outcomes = ["questions" if r["deduplicated_qa_pairs"] else "no_questions_generated" for r in records]
     else:
         raise InputError(f"unknown backend {backend!r}; expected 'offline' or 'llm'", key="sdg.backend")
     for rec in records:
@@ -175,12 +182,55 @@ def run_sdg(corpus_dir, out_dir, corpus_cfg: dict, sdg_cfg: dict, retrieval_cfg:
     keep = near_duplicate_mask(questions, float(sdg_cfg["similarity_threshold"]),
                                dedup_retriever(retrieval_cfg, device=device))
     records, dropped = apply_dedup(records, keep)
+    outcomes = final_outcomes(records, outcomes, quality_threshold)
+    by_outcome = {k: outcomes.count(k) for k in dict.fromkeys(outcomes)}
     summary.update({
         "num_generated_pairs": len(questions),
         "num_near_duplicates_dropped": dropped,
+        "documents_by_outcome": by_outcome,
         "similarity_threshold": sdg_cfg["similarity_threshold"],
         "embedding_model": retrieval_cfg["model"],
         "seconds": round(time.time() - t0, 2),
     })
-    log.info("SDG: %d documents, %d pairs generated, %d near-duplicates dropped", len(records), len(questions), dropped)
+    log.info("SDG: %d documents, %d pairs generated, %d near-duplicates dropped; documents by outcome: %s",
+             len(records), len(questions), dropped, by_outcome)
+    if not by_outcome.get("questions"):
+        raise InputError(nothing_usable_message(by_outcome, sdg_cfg, quality_threshold), path=corpus_dir, key="corpus.dir")
     return write_sdg_output(out_dir, sdg_cfg["dataset_name"], records, summary)
+
+
+def final_outcomes(records: list[dict], outcomes: list[str], quality_threshold: float | None) -> list[str]:
+    """Per document after near-duplicate removal: ``duplicate`` when all its questions were near-duplicates
+    of earlier ones, ``judged_low`` (only with a ``quality_threshold``) when none of the rest is judged
+    ``overall.score >= quality_threshold``; other outcomes as generated."""
+    out = []
+    for rec, outcome in zip(records, outcomes):
+        if outcome == "questions" and not rec["deduplicated_qa_pairs"]:
+            outcome = "duplicate"
+        elif outcome == "questions" and quality_threshold is not None and not any(
+                float(e["overall"]["score"]) >= quality_threshold for e in rec["qa_evaluations"]["evaluations"]):
+            outcome = "judged_low"
+        out.append(outcome)
+    return out
+
+
+OUTCOME_HELP = {
+    "too_short": "too short: fewer words than two questions need (sdg.offline.min_question_words x 2)",
+    "one_sentence": "one sentence and too few words to cut into word windows",
+    "no_usable_sentence": "no sentence of sdg.offline.min_question_words..max_question_words words beside another in a chunk",
+    "duplicate": "every question a near-duplicate of an earlier one (sdg.similarity_threshold)",
+    "judged_low": "every question judged below prep.quality_threshold",
+    "no_questions_generated": "the LLM returned no usable question (see the llm summary and the rule's log)",
+}
+
+
+def nothing_usable_message(by_outcome: dict, sdg_cfg: dict, quality_threshold: float | None) -> str:
+    """Why stage 0 produced nothing a later stage can use, the commonest reason first."""
+    total = sum(by_outcome.values())
+    reasons = sorted(by_outcome.items(), key=lambda kv: -kv[1])
+    parts = [f"{n} {OUTCOME_HELP.get(k, k)}" for k, n in reasons]
+    off = sdg_cfg["offline"]
+    return (f"stage 0 made no usable question from the {total} documents of the corpus: " + "; ".join(parts)
+            + f" (sdg.backend={sdg_cfg['backend']}, sentences_per_chunk={sdg_cfg['sentences_per_chunk']}, "
+              f"question words {off['min_question_words']}..{off['max_question_words']}). Use longer documents of prose, "
+              "or a labelled BEIR folder (prep.input_beir)")

@@ -6,9 +6,9 @@ Errors are answered as ``{"object": "error", "type", "message", "detail"}`` with
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr, ValidationError
 
 LIVE_BODY = {"object": "health.response", "message": "Service is live.", "status": "live"}
 READY_BODY = {"object": "health.response", "message": "Service is ready.", "status": "ready"}
@@ -18,6 +18,12 @@ NOT_READY_BODY = {"object": "health.response", "message": "Service is not ready.
 class _Text(BaseModel):
     model_config = ConfigDict(extra="ignore")
     text: StrictStr
+
+
+class _Passage(_Text):
+    """A ``/v1/ranking`` passage; ``first_stage_score`` is rerankflow's extension (fusion with the first stage)."""
+
+    first_stage_score: Annotated[float, Strict(), AllowInfNan(False)] | None = None
 
 
 class _Query(BaseModel):
@@ -31,7 +37,7 @@ class RankingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: StrictStr | None = None
     query: _Query
-    passages: list[_Text] = Field(min_length=1)
+    passages: list[_Passage] = Field(min_length=1)
     truncate: Literal["NONE", "END"] | None = None
 
 
@@ -50,16 +56,18 @@ class RerankRequest(BaseModel):
 class ApiError(Exception):
     """An error answered to the client as ``{"object": "error", ...}`` with ``status``."""
 
-    def __init__(self, status: int, kind: str, message: str, detail: Any = None):
+    def __init__(self, status: int, kind: str, message: str, detail: Any = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.kind, self.message, self.detail = status, kind, message, detail
+        self.headers = dict(headers or {})
 
 
 def error_response(exc: ApiError):
-    """The JSON response of ``exc`` (401s carry ``WWW-Authenticate: Bearer``)."""
+    """The JSON response of ``exc`` (401s carry ``WWW-Authenticate: Bearer``; ``exc.headers`` are added)."""
     from fastapi.responses import JSONResponse
 
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+    headers.update(exc.headers)
     body = {"object": "error", "type": exc.kind, "message": exc.message, "detail": exc.detail if exc.detail is not None else exc.message}
     return JSONResponse(status_code=exc.status, content=body, headers=headers)
 

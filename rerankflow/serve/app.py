@@ -17,9 +17,16 @@ Endpoints (all JSON):
   ``input_format`` the model is served with).
 
 Errors are ``{"object": "error", "type", "message", "detail"}`` with status 400 (invalid JSON,
-too many passages, text too long, over-long pair with ``truncate: NONE``), 401 (missing or wrong
-bearer token), 413 (body larger than ``max_body_bytes``) or 422 (missing fields, wrong types,
-empty passage list). A bad request never takes the server down.
+too many passages, text too long, over-long pair with ``truncate: NONE``, a query that fills
+``max_length``, first-stage scores without a fusion weight), 401 (missing or wrong bearer token), 408
+(body slower than ``body_timeout_s``), 413 (body larger than ``max_body_bytes``), 422 (missing fields,
+wrong types, empty passage list, ``first_stage_score`` on some passages only) or 503 with ``Retry-After``
+(``max_queued_pairs`` reached). A bad request never takes the server down; a client that hangs up has its
+queued pairs dropped (logged as 499).
+
+Fusion (a rerankflow extension): when every passage of a ``/v1/ranking`` request carries
+``first_stage_score``, the rankings are ordered by ``fused_score`` (see docs/deploy.md) with the weight
+``deploy.fusion_weight`` or the export record's ``fusion.weight``.
 
 Dynamic batching (``dynamic_batching: true``): pairs of concurrent requests are queued and
 ``batch_workers`` worker threads run them through ONNX Runtime in batches of at most
@@ -41,12 +48,13 @@ import time
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from rerankflow.errors import InputError
 from rerankflow.scoring.onnx_scorer import OnnxScorer, find_model_file
 from rerankflow.scoring.onnx_session import choose_providers
 from rerankflow.scoring.export_record import resolve_text_settings
 from rerankflow.serve.api import ApiError, error_response
 from rerankflow.serve.batcher import DynamicBatcher
-from rerankflow.serve.routes import Routes
+from rerankflow.serve.routes import ClientGone, Routes
 from rerankflow.serve.settings import ServeSettings, read_auth_token
 
 log = logging.getLogger("rerankflow.serve.app")
@@ -152,12 +160,41 @@ def create_app(settings: ServeSettings, scorer: OnnxScorer | None = None):
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _internal_error)
-    Routes(settings, scorer, batcher, token, model_name, state).register(app)
+    app.add_exception_handler(ClientGone, _client_gone)
+    fusion_weight = resolve_fusion_weight(settings, scorer)
+    routes = Routes(settings, scorer, batcher, token, model_name, state, fusion_weight)
+    app.state.routes = routes
+    routes.register(app)
     return app
+
+
+def resolve_fusion_weight(settings: ServeSettings, scorer: OnnxScorer) -> float | None:
+    """``deploy.fusion_weight`` when set, else the weight of the export record's ``fusion`` entry, else None."""
+    from rerankflow.scoring.export_record import EXPORT_INFO, read_export_info
+    from rerankflow.scoring.fusion import METHOD, check_fusion_weight
+
+    if settings.fusion_weight is not None:
+        return check_fusion_weight(settings.fusion_weight, where="deploy.fusion_weight")
+    fusion = read_export_info(scorer.model_file).get("fusion")
+    if not fusion:
+        return None
+    path = scorer.model_file.parent / EXPORT_INFO
+    if not isinstance(fusion, dict) or "weight" not in fusion:
+        raise InputError("the 'fusion' entry must be an object with a 'weight' (or null)", path=path)
+    if fusion.get("method", METHOD) != METHOD:
+        raise InputError(f"unknown fusion method {fusion.get('method')!r}; expected {METHOD!r}", path=path)
+    if fusion["weight"] is None:
+        return None
+    return check_fusion_weight(fusion["weight"], where=f"{path}: fusion.weight")
 
 
 async def _api_error(request, exc: ApiError):
     return error_response(exc)
+
+
+async def _client_gone(request, exc: ClientGone):
+    """Nobody is left to read it; the status is for the access log (nginx's "client closed request")."""
+    return error_response(ApiError(499, "client_closed_request", "client closed the connection before the answer"))
 
 
 HTTP_ERROR_KINDS = {404: "not_found", 405: "method_not_allowed"}

@@ -23,8 +23,13 @@ class DynamicBatcher:
     :meth:`OnnxScorer.run` would (:func:`plan_chunks`) and queues them. When a worker is free, the loop takes the oldest chunk,
     waits up to ``max_wait_ms`` for more (stopping early once ``max_batch_size`` pairs are
     queued), packs whole chunks in arrival order up to ``max_batch_size`` pairs and hands them
-    to ``run_fn`` in a worker thread. Chunks of clients that went away are skipped. Results
-    come back in each request's order.
+    to ``run_fn`` in a worker thread. Results come back in each request's order.
+
+    Cancelling a ``submit`` (the route cancels it when the client disconnects, see
+    :meth:`rerankflow.serve.routes.Routes.score`) removes that request's queued chunks at once: they
+    are never scored and no longer count in :attr:`queued_pairs`. A chunk already handed to a worker
+    finishes (ONNX Runtime cannot be interrupted) and its result is dropped. How many pairs may wait
+    is bounded by the route's admission (``deploy.max_queued_pairs``), not here.
     """
 
     def __init__(
@@ -84,17 +89,26 @@ class DynamicBatcher:
         self._wakeup.set()
         try:
             parts = await asyncio.gather(*futs)
-        except asyncio.CancelledError:
+        except BaseException:  # cancelled (client gone) or a batch failed: nothing of this request stays queued
             for f in futs:
                 f.cancel()
+            self._drop_done()
             raise
         out = np.empty(len(items), dtype=np.float32)
         if parts:
             out[order] = np.concatenate(parts)
         return out
 
-    def _queued_pairs(self) -> int:
+    @property
+    def queued_pairs(self) -> int:
+        """Pairs waiting for a worker (cancelled requests' chunks are removed when they are cancelled)."""
         return sum(len(items) for items, _ in self._pending)
+
+    _queued_pairs = queued_pairs.fget
+
+    def _drop_done(self) -> None:
+        if any(fut.done() for _, fut in self._pending):
+            self._pending = collections.deque((items, fut) for items, fut in self._pending if not fut.done())
 
     async def _next_batch(self) -> list:
         loop = asyncio.get_running_loop()

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import logging
 import time
 import uuid
 from typing import Any, Sequence
 
 import numpy as np
 from fastapi import Request
+from starlette.requests import ClientDisconnect
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -17,6 +20,30 @@ from rerankflow.scoring.onnx_scorer import OnnxScorer, sigmoid
 from rerankflow.serve.api import LIVE_BODY, NOT_READY_BODY, READY_BODY, ApiError, RankingRequest, RerankRequest, validation_detail
 from rerankflow.serve.batcher import DynamicBatcher
 from rerankflow.serve.settings import ServeSettings
+
+log = logging.getLogger("rerankflow.serve.app")
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its answer was ready."""
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    """Return once the client has gone (its request body must already be read).
+
+    After the body, the server's ``receive`` only answers ``http.disconnect`` (when the client hangs up
+    or the response is complete), so waiting on it costs nothing while the request is scored.
+    """
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def count_words(text: str | tuple[str, str]) -> int:
+    """Whitespace-separated words of a tokenizer input: a lower bound of its tokens for every subword
+    tokenizer we serve (WordPiece, BPE, SentencePiece split at least at whitespace)."""
+    return sum(len(t.split()) for t in text) if isinstance(text, tuple) else len(text.split())
 
 
 class Routes:
@@ -27,10 +54,13 @@ class Routes:
     """
 
     def __init__(self, settings: ServeSettings, scorer: OnnxScorer, batcher: DynamicBatcher | None,
-                 token: str | None, model_name: str, state: dict):
+                 token: str | None, model_name: str, state: dict, fusion_weight: float | None = None):
         self.settings, self.scorer, self.batcher, self.token = settings, scorer, batcher, token
         self.model_name, self.state = model_name, state
+        self.fusion_weight = fusion_weight  # settings.fusion_weight, else the export record's; None: no fusion
         self.created = int(time.time())
+        self.admitted_pairs = 0  # pairs of requests being tokenized, queued or scored (bounded by max_queued_pairs)
+        self.cancelled_requests = 0  # requests whose client went away before their answer (their queued pairs dropped)
 
     def register(self, app) -> None:
         """Add every endpoint to the FastAPI ``app``."""
@@ -66,11 +96,20 @@ class Routes:
         if length is not None and length.isdigit() and int(length) > limit:
             raise ApiError(413, "payload_too_large", f"request body of {length} bytes exceeds max_body_bytes={limit}")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, "payload_too_large", f"request body exceeds max_body_bytes={limit}")
-            chunks.append(chunk)
+        timeout_s = float(self.settings.body_timeout_s)
+        try:
+            async with asyncio.timeout(timeout_s):  # a slow (or stalled) body must not hold a connection forever
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise ApiError(413, "payload_too_large", f"request body exceeds max_body_bytes={limit}")
+                    chunks.append(chunk)
+        except ClientDisconnect:  # hung up in the middle of its body: nobody to answer, not a server error
+            self.cancelled_requests += 1
+            raise ClientGone() from None
+        except TimeoutError:
+            raise ApiError(408, "request_timeout", f"request body not received within body_timeout_s={timeout_s:g} s "
+                                                   f"({size} bytes arrived)", headers={"Connection": "close"}) from None
         raw = b"".join(chunks)
         if not raw.strip():
             raise ApiError(400, "invalid_request", "empty request body; expected a JSON object")
@@ -116,26 +155,91 @@ class Routes:
                                                        f"(U+{ord(text[exc.start]):04X}) at character {exc.start}") from None
 
     # ------------------------------------------------------------------ scoring
+    def check_lengths(self, query: str, texts: Sequence[str], truncate: str, list_key: str) -> None:
+        """Token-length errors found cheaply, before the request's pairs are tokenized.
+
+        A query that fills ``max_length`` on its own (with an empty passage) leaves no room for any passage:
+        every pair would be cut to the same tokens and get the same logit, so it is a 400 in either truncate
+        mode. With ``truncate: NONE``, pairs whose word count alone exceeds ``max_length`` (a word is at least
+        one token) are refused after counting the tokens of at most five of them, not of the whole request.
+        """
+        scorer = self.scorer
+        limit = scorer.max_length
+        (query_tokens,) = scorer.count_tokens([scorer.format(query, "")])
+        if query_tokens >= limit:
+            raise ApiError(400, "query_too_long",
+                           f"query has {query_tokens} tokens with the prompt (and an empty passage); max_length={limit} "
+                           "leaves no room for a passage: shorten the query")
+        if truncate == "NONE":
+            over = [i for i, t in enumerate(texts) if count_words(scorer.format(query, t)) > limit]
+            if over:
+                self.raise_too_long(query, texts, over, list_key)
+
+    def raise_too_long(self, query: str, texts: Sequence[str], over: list[int], list_key: str) -> None:
+        scorer = self.scorer
+        counts = scorer.count_tokens([scorer.format(query, texts[i]) for i in over[:5]])
+        shown = ", ".join(f"{list_key}[{i}] ({c} tokens)" for i, c in zip(over, counts))
+        raise ApiError(
+            400, "input_too_long",
+            f"{len(over)}{'+' if len(over) > 5 else ''} query+passage pair(s) exceed the model's max_length={scorer.max_length} "
+            f"tokens: {shown}{' ...' if len(over) > 5 else ''}; send \"truncate\": \"END\" to truncate them",
+        )
+
+    def admit(self, n_pairs: int) -> None:
+        """Take ``n_pairs`` from the ``max_queued_pairs`` budget, or answer 503 with ``Retry-After``."""
+        limit = self.settings.max_queued_pairs
+        if self.admitted_pairs and self.admitted_pairs + n_pairs > limit:
+            raise ApiError(503, "overloaded",
+                           f"server busy: {self.admitted_pairs} pairs queued or being scored, this request adds {n_pairs} "
+                           f"(max_queued_pairs={limit}); retry after {self.settings.retry_after_s} s",
+                           headers={"Retry-After": str(int(self.settings.retry_after_s))})
+        self.admitted_pairs += n_pairs
+
+    async def run_scoring(self, encoded) -> np.ndarray:
+        if self.batcher is not None:
+            return await self.batcher.submit(encoded)
+        # without the batcher: the scorer's own chunks, one thread-pool call each, so that a cancelled request
+        # (client gone) stops after the chunk that is running
+        scorer = self.scorer
+        logits = np.empty(len(encoded), dtype=np.float32)
+        for rows in scorer.plan(encoded):
+            logits[rows] = await run_in_threadpool(scorer.run_chunk, [encoded[i] for i in rows])
+        return logits
+
+    async def until_scored_or_gone(self, request: Request, coro):
+        """Await ``coro``; if the client disconnects first, cancel it (its queued pairs are dropped) and
+        raise :class:`ClientGone`."""
+        work = asyncio.ensure_future(coro)
+        watch = asyncio.ensure_future(wait_for_disconnect(request))
+        try:
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not work.done():
+                work.cancel()
+            watch.cancel()
+        if work.cancelled() or (not work.done()):
+            self.cancelled_requests += 1
+            log.info("client %s went away: %d pairs of its request dropped", (request.client or ("-",))[0],
+                     getattr(request.state, "pairs", 0))
+            raise ClientGone()
+        return work.result()
+
     async def score(self, request: Request, query: str, texts: list[str], truncate: str, list_key: str):
         """``(logits, order best first, tokens)``; over-long pairs are a 400 with ``truncate: NONE``."""
         scorer = self.scorer
         self.check_texts(query, texts, list_key)
-        encoded = await run_in_threadpool(scorer.encode_pairs, query, texts)
-        if truncate == "NONE":
-            over = [i for i, e in enumerate(encoded) if e.truncated]
-            if over:
-                counts = await run_in_threadpool(scorer.count_tokens, [scorer.format(query, texts[i]) for i in over[:5]])
-                shown = ", ".join(f"{list_key}[{i}] ({c} tokens)" for i, c in zip(over, counts))
-                raise ApiError(
-                    400, "input_too_long",
-                    f"{len(over)} query+passage pair(s) exceed the model's max_length={scorer.max_length} tokens: {shown}"
-                    f"{' ...' if len(over) > 5 else ''}; send \"truncate\": \"END\" to truncate them",
-                )
-        request.state.pairs = len(encoded)
-        if self.batcher is not None:
-            logits = await self.batcher.submit(encoded)
-        else:
-            logits = await run_in_threadpool(scorer.run, encoded)
+        self.check_lengths(query, texts, truncate, list_key)
+        self.admit(len(texts))
+        try:
+            encoded = await run_in_threadpool(scorer.encode_pairs, query, texts)
+            if truncate == "NONE":
+                over = [i for i, e in enumerate(encoded) if e.truncated]
+                if over:
+                    self.raise_too_long(query, texts, over, list_key)
+            request.state.pairs = len(encoded)
+            logits = await self.until_scored_or_gone(request, self.run_scoring(encoded))
+        finally:
+            self.admitted_pairs -= len(texts)
         order = np.argsort(-logits, kind="stable")
         return logits, order, sum(len(e) for e in encoded)
 
@@ -155,18 +259,45 @@ class Routes:
         return {
             "object": "list",
             "data": [{"id": self.model_name, "object": "model", "created": self.created, "owned_by": "rerankflow",
-                      "max_length": self.scorer.max_length, "input_format": self.scorer.input_format}],
+                      "max_length": self.scorer.max_length, "input_format": self.scorer.input_format,
+                      "fusion_weight": self.fusion_weight}],
         }
+
+    def first_stage_scores(self, passages) -> list[float] | None:
+        """The passages' ``first_stage_score`` values (all of them) or None (none); some is a 422, and scores
+        without a fusion weight are a 400."""
+        given = [i for i, p in enumerate(passages) if p.first_stage_score is not None]
+        if not given:
+            return None
+        if len(given) < len(passages):
+            missing = next(i for i, p in enumerate(passages) if p.first_stage_score is None)
+            raise ApiError(422, "invalid_request",
+                           f"invalid request: passages.{missing}.first_stage_score: missing; send first_stage_score "
+                           f"with every passage or with none ({len(given)} of {len(passages)} passages carry it)")
+        if self.fusion_weight is None:
+            raise ApiError(400, "fusion_unavailable",
+                           "passages carry first_stage_score but this model has no fusion weight: the export record "
+                           "holds none (no weight was chosen on validation) and deploy.fusion_weight is null; "
+                           "send the passages without first_stage_score, or set deploy.fusion_weight")
+        return [float(p.first_stage_score) for p in passages]
 
     async def ranking(self, request: Request):
         self.check_auth(request)
         req = self.parse(RankingRequest, await self.read_json(request), "passages")
         texts = [p.text for p in req.passages]
+        first_stage = self.first_stage_scores(req.passages)
         truncate = req.truncate or self.settings.default_truncate
         logits, order, tokens = await self.score(request, req.query.text, texts, truncate, "passages")
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        if first_stage is None:
+            return {"rankings": [{"index": int(i), "logit": float(logits[i])} for i in order], "usage": usage}
+        from rerankflow.scoring.fusion import fuse_with_first_stage
+
+        keys = [f"{i:09d}" for i in range(len(texts))]  # ties in the fused score keep passage order
+        fused = fuse_with_first_stage(dict(zip(keys, map(float, logits))), dict(zip(keys, first_stage)), self.fusion_weight)
         return {
-            "rankings": [{"index": int(i), "logit": float(logits[i])} for i in order],
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            "rankings": [{"index": int(k), "logit": float(logits[int(k)]), "fused_score": float(v)} for k, v in fused.items()],
+            "usage": usage,
         }
 
     async def rerank(self, request: Request):

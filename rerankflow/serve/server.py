@@ -43,6 +43,55 @@ def _listening_server_class():
     return ListeningServer
 
 
+def _header_timeout_protocol_class(header_timeout_s: float):
+    """uvicorn's h11 protocol with a deadline for a request's headers.
+
+    uvicorn closes idle keep-alive connections (``timeout_keep_alive``) but waits forever for the first
+    bytes of a connection and for the rest of headers sent slowly. Here a timer starts when a connection
+    opens, and when a new request's first bytes arrive on a kept-alive one; it is cancelled once the
+    request's headers are complete. When it fires the connection is closed.
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutH11Protocol(H11Protocol):
+        _header_timer = None
+        _cycle_when_armed = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm_header_timer()
+
+        def _arm_header_timer(self) -> None:
+            self._cycle_when_armed = self.cycle
+            self._header_timer = self.loop.call_later(header_timeout_s, self._header_timeout)
+
+        def _cancel_header_timer(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def data_received(self, data: bytes) -> None:
+            if self._header_timer is None and (self.cycle is None or self.cycle.response_complete):
+                self._arm_header_timer()  # the first bytes of a new request on a kept-alive connection
+            super().data_received(data)
+            if self._header_timer is not None and self.cycle is not self._cycle_when_armed:
+                self._cancel_header_timer()  # the request's headers are complete: its cycle has started
+
+        def connection_lost(self, exc) -> None:
+            self._cancel_header_timer()
+            super().connection_lost(exc)
+
+        def _header_timeout(self) -> None:
+            self._header_timer = None
+            if not self.transport.is_closing():
+                client = "%s:%d" % self.client if self.client else "-"
+                log.info("%s: no complete request headers within header_timeout_s=%g s; connection closed",
+                         client, header_timeout_s)
+                self.transport.close()
+
+    return HeaderTimeoutH11Protocol
+
+
 def build_server(settings: ServeSettings, scorer: OnnxScorer | None = None):
     """A ``uvicorn.Server`` for the app (call ``.run()``, or ``.serve()`` in a loop/thread); once started,
     ``.bound`` is the ``(host, port)`` it listens on."""
@@ -58,14 +107,20 @@ def build_server(settings: ServeSettings, scorer: OnnxScorer | None = None):
         log_config=None,
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.graceful_timeout_s),
-        limit_concurrency=None,
+        http=_header_timeout_protocol_class(float(settings.header_timeout_s)),
+        timeout_keep_alive=float(settings.keep_alive_timeout_s),
+        limit_concurrency=settings.limit_concurrency,
         server_header=False,
     )
     return _listening_server_class()(config)
 
 
 def run_server(settings: ServeSettings) -> None:
-    """Serve in the foreground until SIGINT/SIGTERM (graceful: in-flight requests finish)."""
+    """Serve in the foreground until SIGINT/SIGTERM (graceful: in-flight requests finish).
+
+    uvicorn re-raises the signal it caught once it has shut down; for SIGINT that is a KeyboardInterrupt,
+    which the ``rerankflow serve`` command turns into one line and exit status 130 (no traceback).
+    """
     configure_logging(settings.log_level)
     server = build_server(settings)
     server.run()

@@ -35,6 +35,13 @@ class ServeSettings:
     max_body_bytes: int
     max_text_chars: int
     default_truncate: str
+    max_queued_pairs: int
+    retry_after_s: int
+    header_timeout_s: float
+    body_timeout_s: float
+    keep_alive_timeout_s: float
+    limit_concurrency: int | None
+    fusion_weight: float | None = None  # None: the export record's fusion weight (rerankflow_export.json 'fusion'), if any
     tokenizer: str | None = None
     model_name: str | None = None
     max_length: int | None = None  # None: the export's record (rerankflow_export.json), else the schema's
@@ -65,9 +72,19 @@ class ServeSettings:
         return cls.from_dict(d)
 
     def validate(self) -> "ServeSettings":
-        for name in ("max_batch_size", "batch_workers", "max_passages", "max_body_bytes", "max_text_chars"):
+        for name in ("max_batch_size", "batch_workers", "max_passages", "max_body_bytes", "max_text_chars",
+                     "max_queued_pairs", "retry_after_s"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"must be >= 1, got {getattr(self, name)!r}", key=f"deploy.{name}")
+        for name in ("header_timeout_s", "body_timeout_s", "keep_alive_timeout_s"):
+            if not float(getattr(self, name)) > 0:
+                raise InputError(f"must be > 0 seconds, got {getattr(self, name)!r}", key=f"deploy.{name}")
+        if self.limit_concurrency is not None and int(self.limit_concurrency) < 1:
+            raise InputError(f"must be >= 1 or null, got {self.limit_concurrency!r}", key="deploy.limit_concurrency")
+        if self.fusion_weight is not None:
+            from rerankflow.scoring.fusion import check_fusion_weight
+
+            self.fusion_weight = check_fusion_weight(self.fusion_weight, where="deploy.fusion_weight")
         if self.max_wait_ms < 0:
             raise InputError(f"must be >= 0, got {self.max_wait_ms!r}", key="deploy.max_wait_ms")
         if self.default_truncate not in ("NONE", "END"):

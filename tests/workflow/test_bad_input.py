@@ -57,7 +57,7 @@ def test_malformed_sdg_record_names_line(tmp_path):
 def test_qrels_naming_unknown_ids(tmp_path):
     write_beir(tmp_path / "b", {"d1": {"title": "", "text": "x"}}, {"q1": "y"}, {"q1": {"d1": 1}})
     (tmp_path / "b/qrels/test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td404\t1\n")
-    with pytest.raises(InputError, match=r"test\.tsv: qrels names corpus id 'd404'"):
+    with pytest.raises(InputError, match=r"test\.tsv:3: qrels names corpus id 'd404'"):
         load_beir(tmp_path / "b")
     (tmp_path / "b/qrels/test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\n")
     with pytest.raises(InputError, match=r"test\.tsv:2: expected 3 tab-separated fields"):
