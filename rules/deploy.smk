@@ -14,10 +14,14 @@ rule deploy:
         # the export served: onnx/model.onnx, or onnx_int8/model.onnx for deploy.model: int8
         model=f"{OUT}/stage4_export/{'onnx_int8' if config['deploy']['model'] == 'int8' else 'onnx'}/model.onnx",
         eval_data=eval_data_dir(),
+        bge=bge_model_dir(),  # the first stage of the smoke request may embed with the imported bge-small-en
+        run_file=first_stage_inputs(),
     output:
         endpoint=f"{OUT}/stage5_deploy/endpoint.json",
     params:
         deploy=config["deploy"],
+        retrieval=retrieval_params(),  # the smoke request sends the first stage's candidates of one eval query
+        device=config["device"],
         reranker=config["reranker"],
         server_log=f"{OUT}/logs/deploy_server.log",
         # survives Snakemake's removal of endpoint.json before a re-run, so a re-deploy can

@@ -45,12 +45,13 @@ def deploy_builtin(
     server_log: str | os.PathLike,
     state_file: str | os.PathLike | None = None,
     python: str = sys.executable,
+    smoke_first_stage: tuple[str, dict[str, float]] | None = None,
 ) -> dict:
     """Start ``rerankflow serve`` detached, wait for ready, smoke-test, write ``endpoint_file``."""
     endpoint_file = Path(endpoint_file)
     model_file = find_model_file(model).absolute()
     tokenizer_file = find_tokenizer_file(model_file).absolute()
-    smoke = build_smoke_request(eval_dir, int(deploy_cfg["smoke_passages"]))
+    smoke = build_smoke_request(eval_dir, int(deploy_cfg["smoke_passages"]), smoke_first_stage)
     host = deploy_cfg["host"]
     if state_file is not None:  # a server this workflow started before (endpoint.json was deleted by Snakemake)
         stop_previous(state_file)

@@ -137,6 +137,7 @@ def deploy_nim(
     reranker_cfg: dict,
     *,
     client=None,
+    smoke_first_stage: tuple[str, dict[str, float]] | None = None,
 ) -> dict:
     """Start the NIM container for the export folder of ``model``; wait, smoke-test, record."""
     nim = deploy_cfg["nim"]
@@ -148,7 +149,7 @@ def deploy_nim(
     export_dir = model_file.parent
     max_length, template, input_format = resolve_text_settings(model_file, reranker_cfg.get("max_length"), reranker_cfg.get("prompt_template"),
                                                     reranker_cfg.get("input_format"))
-    smoke = build_smoke_request(eval_dir, int(deploy_cfg["smoke_passages"]))
+    smoke = build_smoke_request(eval_dir, int(deploy_cfg["smoke_passages"]), smoke_first_stage)
     if client is None:
         import docker
 
@@ -172,7 +173,7 @@ def deploy_nim(
 
     try:
         ready_s = wait_ready(url, float(nim["ready_timeout_s"]), alive=alive, interval_s=5.0)
-        smoke_result = run_smoke(url, smoke, auth_headers(deploy_cfg))
+        smoke_result = run_smoke(url, smoke, auth_headers(deploy_cfg), check_fusion=False)  # NIM: no first_stage_score
     except BaseException:
         log.error("NIM did not come up; leaving container %s for inspection (docker logs %s)", spec["name"], spec["name"])
         raise

@@ -43,20 +43,25 @@ def deploy(
     server_log: str | os.PathLike | None = None,
     state_file: str | os.PathLike | None = None,
     docker_client=None,
+    smoke_first_stage: tuple[str, dict[str, float]] | None = None,
 ) -> dict:
     """The deploy rule: dispatch on ``deploy.backend`` (``builtin`` or ``nim``).
 
     ``deploy_cfg`` is the validated ``deploy`` section; ``reranker_cfg`` the ``reranker`` keys to
     check against the export's record (absent keys: the record's values). ``server_log`` (where the
     built-in server's output goes) and ``state_file`` are used by the builtin backend only.
+    ``smoke_first_stage``: the first stage's candidates of the smoke query (``(query id, {doc id: score})``,
+    :func:`rerankflow.retrieval.first_stage.first_query_candidates`); the smoke request then sends those.
     """
     backend = deploy_cfg["backend"]
     if backend == "builtin":
         if server_log is None:
             raise ValueError("the builtin backend needs server_log (the file the detached server logs to)")
-        return deploy_builtin(model, eval_dir, endpoint_file, deploy_cfg, reranker_cfg, server_log=server_log, state_file=state_file)
+        return deploy_builtin(model, eval_dir, endpoint_file, deploy_cfg, reranker_cfg, server_log=server_log, state_file=state_file,
+                              smoke_first_stage=smoke_first_stage)
     if backend == "nim":
-        return deploy_nim(model, eval_dir, endpoint_file, deploy_cfg, reranker_cfg, client=docker_client)
+        return deploy_nim(model, eval_dir, endpoint_file, deploy_cfg, reranker_cfg, client=docker_client,
+                          smoke_first_stage=smoke_first_stage)
     raise InputError(f"unknown backend {backend!r}; expected builtin or nim", key="deploy.backend")
 
 

@@ -183,3 +183,16 @@ class FirstStage:
         run = truncate({q: full[q] for q in queries}, top_k)
         return run, {"run_file": str(self.run_file), "queries_in_file": len(full), "queries": len(queries),
                      "read_s": round(time.perf_counter() - t0, 3)}
+
+
+def first_query_candidates(eval_dir, retrieval: Mapping, top_k: int, *, device: str) -> tuple[str, dict[str, float]]:
+    """``(query id, {doc id: first-stage score})``: the first stage's top ``top_k`` for the first judged query
+    of the BEIR folder ``eval_dir`` (``qrels/test.tsv``), best first. What the deploy smoke request sends."""
+    from rerankflow.beir import load_beir
+
+    corpus, queries, _ = load_beir(eval_dir, missing_docs_ok=True)
+    if not queries:
+        raise InputError("no query with relevance judgements; cannot build a smoke request", path=eval_dir)
+    qid = next(iter(queries))
+    run, _ = FirstStage.from_config(retrieval, device=device).retrieve(corpus, {qid: queries[qid]}, min(int(top_k), len(corpus)))
+    return qid, run[qid]

@@ -146,3 +146,19 @@ def test_a_bad_fusion_record_stops_the_server_from_starting(tmp_path):
     (d / EXPORT_INFO).write_text(json.dumps({"max_length": 128, "fusion": {"weight": 2}}))
     with pytest.raises(InputError, match="fusion.weight must be a number in"):
         build_server(settings(d))
+
+
+def test_deploy_smoke_checks_the_served_fusion(fused_server, plain_server):
+    """The deploy smoke test sends first-stage scores when it has them and checks the served order against the
+    fusion computed from the served logits; a model without a weight is smoke-tested without fusion."""
+    from rerankflow.deploy.smoke import run_smoke
+
+    smoke = {"query_id": "q", "query": QUERY, "doc_ids": ["b", "p1", "g", "p2"], "passages": PASSAGES,
+             "relevant": ["p1", "p2"], "first_stage_scores": FIRST_STAGE}
+    res = run_smoke(fused_server.url, smoke)
+    assert res["fused"]["weight"] == 0.3
+    want = expected_fused(res["logits"], FIRST_STAGE, 0.3)
+    assert res["fused"]["ranking_doc_ids"] == [smoke["doc_ids"][i] for i in sorted(range(4), key=lambda i: -want[i])]
+    assert res["fused"]["ranking_doc_ids"][0] == "b"  # the first stage's favourite, as in the API test above
+    assert run_smoke(plain_server.url, smoke)["fused"] is None
+    assert run_smoke(fused_server.url, smoke, check_fusion=False)["fused"] is None
