@@ -232,6 +232,7 @@ def test_variants_run_as_parallel_slurm_jobs(sweep_run, cluster, tmp_path):  # n
     new = ["learning_rate=7e-05", "learning_rate=9e-05"]
     cfg = sweep_config(wd, [*LRS, 7.0e-5, 9.0e-5])
     prof = fitted_profile(tmp_path / "profile", cluster)
+    kept = {p: p.stat().st_mtime_ns for vid in IDS for p in (variant_dir(wd, vid) / "stage3_eval/eval_results.json",)}
     t0 = time.monotonic()
     # targets before --configfile, which takes several values
     res = subprocess.run(["timeout", "-k", "10", "600", sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"),
@@ -245,11 +246,13 @@ def test_variants_run_as_parallel_slurm_jobs(sweep_run, cluster, tmp_path):  # n
     for jobid in jobs:
         info = scontrol_job(cluster, jobid)
         assert info["JobState"] == "COMPLETED", info
-        by_rule.setdefault(info["Comment"].removeprefix("rule_"), []).append(info)
+        # the job's comment: rule_<rule>_wildcards_<wildcard values>
+        by_rule.setdefault(info["Comment"].removeprefix("rule_").split("_wildcards_")[0], []).append(info)
     # only the two new variants ran, each training and each evaluation its own Slurm job (the summary is local)
     assert {r: len(v) for r, v in by_rule.items()} == {"sweep_finetune": 2, "sweep_evaluate": 2}, out[-4000:]
     summary = json.loads((wd / SUMMARY).read_text())
     assert [r["id"] for r in summary["variants"]] == [*IDS, *new]
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
     a, b = ((_slurm_time(j["StartTime"]), _slurm_time(j["EndTime"])) for j in by_rule["sweep_finetune"])
     assert max(a[0], b[0]) < min(a[1], b[1]), f"the two trainings did not overlap: {a}, {b}"
     print(f"\ntwo variants through Slurm: {seconds:.1f} s; trainings overlapped {min(a[1], b[1]) - max(a[0], b[0]):.0f} s",
