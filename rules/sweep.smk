@@ -71,6 +71,18 @@ def sweep_sections(wildcards):
     return sections
 
 
+def sweep_base_eval_settings(wildcards):
+    """The eval section of the shared base evaluation: the first stage and the base reranker, no endpoint."""
+    sweep_name(wildcards)
+    return {**config["eval"], "eval_base": True, "eval_finetuned": False, "endpoint": None}
+
+
+def sweep_eval_settings(wildcards):
+    """The eval section of a variant's evaluation: its fine-tuned checkpoint only (the base is shared)."""
+    sweep_variant(wildcards)
+    return {**config["eval"], "eval_base": False, "eval_finetuned": True, "finetuned_checkpoint": "BEST", "endpoint": None}
+
+
 def sweep_path(name, *parts):
     return "/".join([f"{OUT}/sweeps/{name}", *parts])
 
@@ -129,7 +141,7 @@ rule sweep_base_eval:
         table=f"{SWEEP_DIR}/base/stage3_eval/eval_table.tsv",
         plot=f"{SWEEP_DIR}/base/stage3_eval/ndcg_plot.png",
     params:
-        eval=lambda w: sweep_name(w) and {**config["eval"], "eval_base": True, "eval_finetuned": False, "endpoint": None},
+        eval=sweep_base_eval_settings,
         retrieval=retrieval_params(),
         reranker=config["reranker"],
         base_model=lambda wildcards, input: input.base_model if input.base_model else base_model_path(),
@@ -200,8 +212,7 @@ rule sweep_evaluate:
         table=f"{VARIANT_DIR}/stage3_eval/eval_table.tsv",
         plot=f"{VARIANT_DIR}/stage3_eval/ndcg_plot.png",
     params:
-        eval=lambda w: sweep_variant(w) and {**config["eval"], "eval_base": False, "eval_finetuned": True,
-                                             "finetuned_checkpoint": "BEST", "endpoint": None},
+        eval=sweep_eval_settings,
         retrieval=lambda w: {**retrieval_params(), "first_stage": "run", "run_file": sweep_first_stage_run(w.name)},
         reranker=lambda w: sweep_sections(w)["reranker"],
         base_model=None,
@@ -241,7 +252,7 @@ rule sweep_summary:
             labels={"figure": "sweep {name}: validation (chooses) and test (reports)"},
         ),
     params:
-        variants=lambda w: sweep_name(w) and SWEEP_VARIANTS,
+        variants=lambda w: SWEEP_VARIANTS if sweep_name(w) else [],
         variant_dirs=sweep_variant_dirs,
         base_dir=lambda w: sweep_path(w.name, "base/stage3_eval"),
         metric=config["eval"]["comparison_metric"],
@@ -277,7 +288,7 @@ rule sweep_export_onnx:
         variant=f"{SWEEP_DIR}/stage4_export/variant.json",
         **({"int8": f"{SWEEP_DIR}/stage4_export/onnx_int8/model.onnx"} if config["export"]["quantize"] == "int8" else {}),
     params:
-        choice=lambda w: sweep_name(w) and SWEEP_EXPORT,
+        choice=lambda w: SWEEP_EXPORT if sweep_name(w) else None,
         checkpoints=lambda w: {vid: sweep_path(w.name, "variants", vid, "stage2_finetune/checkpoints/BEST")
                                for vid in sweep_exported_ids(w)},
         rerankers=lambda w: {vid: variant_sections(config, SWEEP_BY_ID[vid]["settings"])["reranker"]
