@@ -160,6 +160,8 @@ if SWEEP["name"] or SWEEP["grid"] or SWEEP["variants"]:
 else:
     SWEEP_NAME, SWEEP_VARIANTS, SWEEP_EXPORT = None, [], None
 SWEEP_BY_ID = {v["id"]: v for v in SWEEP_VARIANTS}
+SWEEP_NAME_RE = r"[A-Za-z0-9][A-Za-z0-9_.-]*"  # as the schema's sweep.name pattern
+SWEEP_VARIANT_RE = r"[^/]+"
 SWEEP_DIR = f"{OUT}/sweeps/{{name}}"
 VARIANT_DIR = f"{SWEEP_DIR}/variants/{{variant}}"
 SWEEP_LOGS = f"{OUT}/logs/sweeps/{{name}}"

@@ -20,12 +20,8 @@
 # A variant's directory depends on its own values only: adding a grid value adds one variant (the
 # others stay up to date); removing one re-makes the summary and deletes nothing.
 
-# The sweep's settings and path helpers (SWEEP_*, sweep_*) are at the end of rules/common.smk.
-
-
-wildcard_constraints:
-    name=r"[A-Za-z0-9][A-Za-z0-9_.-]*",
-    variant=r"[^/]+",
+# The sweep's settings and path helpers (SWEEP_*, sweep_*) are at the end of rules/common.smk. Wildcard
+# constraints are per rule, so they never reach another stage's rules.
 
 
 # The base reranker and the first stage on the eval split, once per sweep (its scores also go to the
@@ -36,6 +32,8 @@ rule sweep_base_eval:
         base_model=base_model_dir(),
         bge=bge_model_dir(),
         run_file=first_stage_inputs(),
+    wildcard_constraints:
+        name=SWEEP_NAME_RE,
     output:
         results=f"{SWEEP_DIR}/base/stage3_eval/eval_results.json",
         per_query=f"{SWEEP_DIR}/base/stage3_eval/per_query.json",
@@ -72,6 +70,9 @@ rule sweep_finetune:
         val=f"{OUT}/stage1_prep/val.json",
         corpus=f"{OUT}/stage1_prep/corpus/train.parquet",
         base=base_model_dir(),
+    wildcard_constraints:
+        name=SWEEP_NAME_RE,
+        variant=SWEEP_VARIANT_RE,
     output:
         best=directory(f"{VARIANT_DIR}/stage2_finetune/checkpoints/BEST"),
         latest=directory(f"{VARIANT_DIR}/stage2_finetune/checkpoints/LATEST"),
@@ -107,6 +108,9 @@ rule sweep_evaluate:
         data=eval_data_dir(),
         checkpoint=f"{VARIANT_DIR}/stage2_finetune/checkpoints/BEST",
         first_stage=f"{SWEEP_DIR}/base/stage3_eval/runs",
+    wildcard_constraints:
+        name=SWEEP_NAME_RE,
+        variant=SWEEP_VARIANT_RE,
     output:
         results=f"{VARIANT_DIR}/stage3_eval/eval_results.json",
         per_query=f"{VARIANT_DIR}/stage3_eval/per_query.json",
@@ -138,6 +142,8 @@ rule sweep_evaluate:
 rule sweep_summary:
     input:
         unpack(sweep_variant_files),
+    wildcard_constraints:
+        name=SWEEP_NAME_RE,
     output:
         json=f"{SWEEP_DIR}/summary.json",
         md=f"{SWEEP_DIR}/summary.md",
@@ -183,6 +189,8 @@ rule sweep_export_onnx:
         eval_data=eval_data_dir(),
         bge=bge_model_dir(),
         run_file=first_stage_inputs(),
+    wildcard_constraints:
+        name=SWEEP_NAME_RE,
     output:
         onnx=f"{SWEEP_DIR}/stage4_export/onnx/model.onnx",
         tokenizer=directory(f"{SWEEP_DIR}/stage4_export/onnx/tokenizer"),
@@ -219,6 +227,8 @@ rule sweep_deploy:
     input:
         model=f"{SWEEP_DIR}/stage4_export/{'onnx_int8' if config['deploy']['model'] == 'int8' else 'onnx'}/model.onnx",
         eval_data=eval_data_dir(),
+    wildcard_constraints:
+        name=SWEEP_NAME_RE,
     output:
         endpoint=f"{SWEEP_DIR}/stage5_deploy/endpoint.json",
     params:
@@ -239,6 +249,8 @@ rule sweep_deploy:
 rule sweep_stop_deploy:
     input:
         endpoint=f"{SWEEP_DIR}/stage5_deploy/endpoint.json",
+    wildcard_constraints:
+        name=SWEEP_NAME_RE,
     output:
         stopped=f"{SWEEP_DIR}/stage5_deploy/stopped.json",
     params:
