@@ -43,6 +43,7 @@ include: "rules/finetune.smk"
 include: "rules/eval.smk"
 include: "rules/export.smk"
 include: "rules/deploy.smk"
+include: "rules/sweep.smk"
 
 
 report: "report/workflow.rst"

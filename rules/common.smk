@@ -138,3 +138,117 @@ def bge_check_source():
     """Real text the bge-small-en import is checked on: eval.eval_data_path (a BEIR folder), else the
     stage 0 corpus (prep's eval set would be a cycle: prep mines with the imported model)."""
     return config["eval"]["eval_data_path"] or corpus_input()
+
+
+# ---- sweeps (rules/sweep.smk, docs/sweeps.md): the configured sweep, its variants and their paths
+
+import os
+
+from rerankflow.config import config_warnings, load_schema
+from rerankflow.sweep.grid import check_name, export_choice, plan_variants, variant_config, variant_sections
+
+SWEEP = config["sweep"]
+if SWEEP["name"] or SWEEP["grid"] or SWEEP["variants"]:
+    SWEEP_NAME = check_name(SWEEP)
+    SWEEP_VARIANTS = plan_variants(SWEEP, load_schema(f"{workflow.basedir}/config/schema.yaml"))
+    SWEEP_EXPORT = export_choice(SWEEP, SWEEP_VARIANTS)
+    _main_warnings = set(config_warnings(config))
+    for _v in SWEEP_VARIANTS:
+        for _warning in config_warnings(variant_config(config, _v["settings"])):
+            if _warning not in _main_warnings:
+                print(f"rerankflow config warning (sweep variant {_v['id']}): {_warning}", file=sys.stderr)
+else:
+    SWEEP_NAME, SWEEP_VARIANTS, SWEEP_EXPORT = None, [], None
+SWEEP_BY_ID = {v["id"]: v for v in SWEEP_VARIANTS}
+SWEEP_NAME_RE = r"[A-Za-z0-9][A-Za-z0-9_.-]*"  # as the schema's sweep.name pattern
+SWEEP_VARIANT_RE = r"[^/]+"
+SWEEP_DIR = f"{OUT}/sweeps/{{name}}"
+VARIANT_DIR = f"{SWEEP_DIR}/variants/{{variant}}"
+SWEEP_LOGS = f"{OUT}/logs/sweeps/{{name}}"
+SWEEP_BENCH = f"{OUT}/logs/benchmarks/sweeps/{{name}}"
+
+
+def sweep_name(wildcards):
+    """The sweep asked for, checked against the config (an input function's error names the problem)."""
+    if SWEEP_NAME is None:
+        raise ValueError("no sweep is configured: set sweep.name and sweep.grid (or sweep.variants); see docs/sweeps.md")
+    if wildcards.name != SWEEP_NAME:
+        raise ValueError(f"sweep {wildcards.name!r} is not the configured sweep.name ({SWEEP_NAME!r})")
+    return SWEEP_NAME
+
+
+def sweep_variant(wildcards):
+    sweep_name(wildcards)
+    if wildcards.variant not in SWEEP_BY_ID:
+        raise ValueError(f"{wildcards.variant!r} is not a variant of sweep {SWEEP_NAME!r} "
+                         f"(variants: {', '.join(SWEEP_BY_ID)})")
+    return SWEEP_BY_ID[wildcards.variant]
+
+
+def sweep_sections(wildcards):
+    """The variant's finetune (training settings only, as finetune_settings()) and reranker sections."""
+    sections = variant_sections(config, sweep_variant(wildcards)["settings"])
+    sections["finetune"] = {k: v for k, v in sections["finetune"].items() if k not in FINETUNE_JOB_KEYS}
+    return sections
+
+
+def sweep_base_eval_settings(wildcards):
+    """The eval section of the shared base evaluation: the first stage and the base reranker, no endpoint."""
+    sweep_name(wildcards)
+    return {**config["eval"], "eval_base": True, "eval_finetuned": False, "endpoint": None}
+
+
+def sweep_eval_settings(wildcards):
+    """The eval section of a variant's evaluation: its fine-tuned checkpoint only (the base is shared)."""
+    sweep_variant(wildcards)
+    return {**config["eval"], "eval_base": False, "eval_finetuned": True, "finetuned_checkpoint": "BEST", "endpoint": None}
+
+
+def sweep_path(name, *parts):
+    return os.path.join(OUT, "sweeps", name, *parts)
+
+
+def sweep_first_stage_run(name):
+    """The shared first-stage run every variant reranks: the base evaluation's TREC run."""
+    return sweep_path(name, "base/stage3_eval/runs/first_stage.trec")
+
+
+def sweep_variant_files(wildcards):
+    """Every variant's training summary/log and evaluation, for the summary."""
+    name = sweep_name(wildcards)
+    files = {"base_results": sweep_path(name, "base/stage3_eval/eval_results.json"),
+             "base_per_query": sweep_path(name, "base/stage3_eval/per_query.json")}
+    for kind, rel in (("training_summary", "stage2_finetune/training_summary.json"),
+                      ("training_log", "stage2_finetune/training_log.jsonl"),
+                      ("eval_results", "stage3_eval/eval_results.json"),
+                      ("per_query", "stage3_eval/per_query.json")):
+        files[kind] = [sweep_path(name, "variants", v["id"], rel) for v in SWEEP_VARIANTS]
+    return files
+
+
+def sweep_variant_dirs(wildcards):
+    name = sweep_name(wildcards)
+    return {v["id"]: {"training": sweep_path(name, "variants", v["id"], "stage2_finetune"),
+                      "eval": sweep_path(name, "variants", v["id"], "stage3_eval")} for v in SWEEP_VARIANTS}
+
+
+def sweep_exported_ids(wildcards):
+    """The variants whose BEST checkpoint the export may need: all of them for sweep.export: best."""
+    sweep_name(wildcards)
+    return list(SWEEP_BY_ID) if SWEEP_EXPORT == "best" else [SWEEP_EXPORT]
+
+
+def sweep_export_inputs(wildcards):
+    name = sweep_name(wildcards)
+    files = {"checkpoints": [sweep_path(name, "variants", vid, "stage2_finetune/checkpoints/BEST")
+                             for vid in sweep_exported_ids(wildcards)]}
+    if SWEEP_EXPORT == "best":
+        files["summary"] = sweep_path(name, "summary.json")
+    return files
+
+
+def sweep_targets(wildcards=None):
+    """The configured sweep's summary files, what `snakemake --cores all sweep` makes."""
+    if SWEEP_NAME is None:
+        raise ValueError("no sweep is configured: set sweep.name and sweep.grid (or sweep.variants); see docs/sweeps.md")
+    return [f"{OUT}/sweeps/{SWEEP_NAME}/summary.{ext}" for ext in ("json", "md", "tsv", "png")]

@@ -31,6 +31,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "export": {CORE, "retrieval", "scoring", "eval"},
     "serve": {CORE, "scoring"},
     "deploy": {CORE, "scoring", "serve"},
+    "sweep": {CORE, "eval"},
     # The entry points above the stages: the command line, the Snakemake script glue, test support.
     "cli": {CORE, "serve", "deploy"},
     "scripting": {CORE},
