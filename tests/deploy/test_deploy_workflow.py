@@ -42,6 +42,7 @@ def test_deploy_and_stop_deploy_rules(tmp_path):
     )
     cfg = yaml.safe_load((REPO / "tests/config/tiny.yaml").read_text())
     cfg.setdefault("deploy", {}).update({"port": 0, "smoke_passages": 3})
+    cfg["corpus"]["dir"] = str(REPO / cfg["corpus"]["dir"])  # input paths are checked at parse time, from tmp_path
     cfg_path = tmp_path / "tiny_deploy.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
 

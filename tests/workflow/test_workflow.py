@@ -79,7 +79,9 @@ def test_stages_2_to_4_outputs(tiny_run):
     results = json.loads((out / "stage3_eval/eval_results.json").read_text())
     assert {"first_stage", "base", "finetuned"} <= set(results)
     assert 0.0 <= results["finetuned"]["NDCG"]["NDCG@10"] <= 1.0 and "MRR@10" in results["finetuned"]["MRR"]
-    assert [c["to"] for c in results["comparisons"]] == ["base", "finetuned"]
+    # stage 2 validated on first-stage candidates, so the checkpoint carries a fusion weight: system "fused"
+    assert [c["to"] for c in results["comparisons"]] == ["base", "finetuned", "fused"]
+    assert results["meta"]["fusion"]["weight"] is not None
     for f in ("per_query.json", "runs/finetuned.trec", "eval_table.tsv", "ndcg_plot.png"):
         assert (out / "stage3_eval" / f).exists(), f
     parity = json.loads((out / "stage4_export/parity.json").read_text())
@@ -102,8 +104,11 @@ def test_nothing_planned_when_nothing_changed(tiny_run):
 
 def test_changed_eval_param_reruns_eval_only(tiny_run):
     wd, _ = tiny_run
-    plan = planned_rules(run_snakemake(wd, "-n", configfile=tiny_config(wd, eval={"top_k": 8, "k_values": [1, 5]})))
+    plan = planned_rules(run_snakemake(wd, "-n", configfile=tiny_config(wd, eval={"k_values": [1, 5], "bootstrap_samples": 300})))
     assert set(plan) == {"evaluate", "all"}
+    # eval.top_k also sets how many first-stage candidates prep lists per val query (stage 2 validates on them)
+    plan = planned_rules(run_snakemake(wd, "-n", configfile=tiny_config(wd, eval={"top_k": 8, "k_values": [1, 5]})))
+    assert {"prep", "finetune", "evaluate"} <= set(plan) and "sdg" not in plan
     plan = planned_rules(run_snakemake(wd, "-n", configfile=tiny_config(wd, finetune={"learning_rate": 1e-5})))
     assert {"finetune", "evaluate", "export_onnx"} <= set(plan) and not {"sdg", "prep", "import_base_model"} & set(plan)
 
