@@ -23,6 +23,7 @@ import math
 from typing import Mapping, Sequence
 
 from rerankflow.errors import InputError
+from rerankflow.normalization import min_max  # noqa: F401  (also part of this module's interface)
 
 Run = Mapping[str, Mapping[str, float]]
 WEIGHT_TOLERANCE = 1e-6
@@ -62,16 +63,6 @@ def reciprocal_rank_fusion(runs: Sequence[Run], rrf_k: float) -> dict[str, dict[
                 acc[d] = acc.get(d, 0.0) + 1.0 / (rrf_k + rank)
         fused[q] = acc
     return _sorted_run(fused)
-
-
-def min_max(scores: Mapping[str, float]) -> dict[str, float]:
-    """Scores mapped to [0, 1] by min-max; all-equal scores map to 1.0."""
-    if not scores:
-        return {}
-    lo, hi = min(scores.values()), max(scores.values())
-    if hi == lo:
-        return {d: 1.0 for d in scores}
-    return {d: (s - lo) / (hi - lo) for d, s in scores.items()}
 
 
 def check_weights(weights: Sequence[float], n_runs: int) -> list[float]:

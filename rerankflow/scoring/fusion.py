@@ -25,18 +25,10 @@ from pathlib import Path
 from typing import Mapping
 
 from rerankflow.errors import InputError
+from rerankflow.normalization import min_max
 
 FUSION_RECORD = "rerankflow_fusion.json"
 METHOD = "convex_minmax"
-
-
-def _min_max(scores: Mapping[str, float]) -> dict[str, float]:
-    if not scores:
-        return {}
-    lo, hi = min(scores.values()), max(scores.values())
-    if hi == lo:
-        return {d: 1.0 for d in scores}
-    return {d: (s - lo) / (hi - lo) for d, s in scores.items()}
 
 
 def check_fusion_weight(weight, *, where: str = "fusion weight") -> float:
@@ -57,8 +49,8 @@ def fuse_with_first_stage(reranker: Mapping[str, float], first_stage: Mapping[st
     A reranked document missing from ``first_stage`` gets normalized first-stage score 0.
     """
     w = check_fusion_weight(weight)
-    r = _min_max(reranker)
-    f = _min_max({d: first_stage[d] for d in reranker if d in first_stage})
+    r = min_max(reranker)
+    f = min_max({d: first_stage[d] for d in reranker if d in first_stage})
     fused = {d: w * r[d] + (1.0 - w) * f.get(d, 0.0) for d in reranker}
     return {d: fused[d] for d in sorted(fused, key=lambda d: (-fused[d], d))}
 
