@@ -200,7 +200,8 @@ def _preflight(docs, docs_chunks, gen_msgs, active, cfg: dict, ends, cache, num_
         "segments": sum(len(c) for c in docs_chunks), "num_pairs": num_pairs,
         "expected_calls": 3 * len(active), "max_parse_retries": int(cfg["max_parse_retries"]),
         "generation_cached": 0 if ends.gen_mode is None else sum(
-            request_key(ends.gen.payload(gen_msgs[i][0], **ends.gen_request(gen_msgs[i][1]))) in cache for i in active),
+            request_key(ends.gen.payload(gen_msgs[i][0](ends.gen_structured), **ends.gen_request(gen_msgs[i][1])))
+            in cache for i in active),
         "structured_output": cfg["structured_output"] if ends.gen_mode is None else ends.gen_mode,
         "model": cfg["model"], "base_url": scrub(cfg["base_url"]),
         "judge_model": ends.judge_model, "judge_base_url": scrub(ends.judge_base), "preview": preview,
@@ -269,6 +270,14 @@ class _Endpoints:
             self.probes["judge"] = probe_structured_output(self.judge, self.cache, self.judge_params)
         self.judge_mode = self.probes["judge"]["mode"]
 
+    @property
+    def gen_structured(self) -> bool:
+        return self.gen_mode not in (None, "none")
+
+    @property
+    def judge_structured(self) -> bool:
+        return self.judge_mode not in (None, "none")
+
     def gen_request(self, schema: dict) -> dict:
         return {**self.gen_params, "response_format": response_format(self.gen_mode, "qa_pairs", schema)}
 
@@ -331,7 +340,8 @@ def _plan(docs: list[Document], cfg: dict, num_pairs: int, sentences_per_chunk: 
             gen_msgs.append(None)
             continue
         ids = {c["chunk_id"] for c in chunks}
-        gen_msgs.append((generation_messages(doc.file_name, chunks, counts, rt, min_cx, forms),
+        gen_msgs.append((lambda structured, chunks=chunks, counts=counts, forms=forms, doc=doc: generation_messages(
+                             doc.file_name, chunks, counts, rt, min_cx, forms, structured),
                          generation_schema(num_pairs, counts, forms, rt, ids, min_cx),
                          tuple(f for f in QUERY_FORMS if forms.get(f))))
     return docs_chunks, gen_msgs
@@ -377,7 +387,7 @@ def generate_llm(docs: list[Document], sdg_cfg: dict, retrieval_cfg: dict, seed:
         msgs, schema, forms = gen_msgs[i]
         ids = {c["chunk_id"] for c in docs_chunks[i]}
         pairs, invalid = _call_with_parse_retries(
-            ends.gen, msgs, ends.gen_request(schema),
+            ends.gen, msgs(ends.gen_structured), ends.gen_request(schema),
             lambda text: parse_generation(text, ids, rt, min_cx, num_pairs, forms), max_pr, counters)
         kept, rejected = [], {}
         for p in pairs:  # deterministic rejects: no judge call is paid for these
@@ -391,10 +401,11 @@ def generate_llm(docs: list[Document], sdg_cfg: dict, retrieval_cfg: dict, seed:
 
     def judge_one(i, pairs):
         n = len(pairs)
-        q_evals = _call_with_parse_retries(ends.judge, query_judge_messages(pairs),
+        q_evals = _call_with_parse_retries(ends.judge, query_judge_messages(pairs, ends.judge_structured),
                                            ends.judge_request("query_evaluations", query_judge_schema(n)),
                                            lambda text: parse_query_judge(text, n), max_pr, counters)
-        a_evals = _call_with_parse_retries(ends.judge, answer_judge_messages(docs[i].file_name, docs_chunks[i], pairs),
+        a_evals = _call_with_parse_retries(ends.judge, answer_judge_messages(docs[i].file_name, docs_chunks[i], pairs,
+                                                                             ends.judge_structured),
                                            ends.judge_request("answer_evaluations", answer_judge_schema(n)),
                                            lambda text: parse_answer_judge(text, n), max_pr, counters)
         return [combine_evaluations(p, q, a) for p, q, a in zip(pairs, q_evals, a_evals)]

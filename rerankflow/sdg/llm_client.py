@@ -411,8 +411,28 @@ def response_format(mode: str | None, name: str, schema: dict) -> dict | None:
     if mode == "json_schema":
         return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
     if mode == "json_object":
-        return {"type": "json_object", "schema": schema}
+        return {"type": "json_object", "schema": bounded_strings(schema)}
     raise ValueError(f"unknown structured-output mode {mode!r}")
+
+
+#: Length bounds of free-text fields in the ``json_object`` form: grammar-based servers turn them into
+#: the grammar, so a small model can neither leave a field empty nor run a string on until
+#: ``max_tokens`` cuts the JSON off (both seen with SmolLM2-135M). Not sent in the ``json_schema`` form:
+#: OpenAI's strict mode rejects schemas with keywords it does not support.
+STRING_MIN_LENGTH, STRING_MAX_LENGTH = 2, 400
+
+
+def bounded_strings(schema):
+    """A copy of ``schema`` whose free-text strings (no ``enum``) get ``minLength``/``maxLength``."""
+    if isinstance(schema, list):
+        return [bounded_strings(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: bounded_strings(v) for k, v in schema.items()}
+    if out.get("type") == "string" and "enum" not in out:
+        out.setdefault("minLength", STRING_MIN_LENGTH)
+        out.setdefault("maxLength", STRING_MAX_LENGTH)
+    return out
 
 
 #: The probe's schema: a reply can only be exactly ``{"rerankflow_probe": "ok"}`` if the server

@@ -48,10 +48,11 @@ QUERY_TYPE_HELP = {
 }
 QUERY_FORMS = ("question", "instruction", "keyword")
 # (form, help) pairs: the prompt's help text per query form (not the weights of sdg.llm.query_forms).
+# No example queries: small models copy them verbatim.
 QUERY_FORM_HELP = dict((
-    ("question", "a natural question ending with '?', e.g. 'How does X handle Y?'"),
-    ("instruction", "an imperative request without a question mark, e.g. 'Explain how X handles Y.'"),
-    ("keyword", "a short keyword query of at most 8 words, as typed into a search box, no question mark, e.g. 'X handling Y timeout'"),
+    ("question", "a natural question ending with a question mark"),
+    ("instruction", "an imperative request (explain, describe, list, show...) without a question mark"),
+    ("keyword", "a short keyword query of at most 8 words, as typed into a search box, no question mark"),
 ))
 CRITERIA = ("relevance", "accuracy", "context_support", "clarity")
 QUERY_CRITERIA = ("standalone", "plausible", "discriminative")
@@ -78,12 +79,22 @@ GEN_SYSTEM = (
 )
 
 
+def _reply_format(example: str, fields: str, structured: bool) -> str:
+    """The closing instruction: with a structured output the server enforces the schema, so the prompt
+    names the fields instead of showing an example object (small models copy an example's placeholders
+    and scores verbatim); without one, the example object is the only format description."""
+    if structured:
+        key = example.split(":", 1)[0].lstrip("{")
+        return f"Reply with one JSON object {{{key}: [...]}} whose entries have the fields: {fields}."
+    return f"Reply with only this JSON object (no Markdown, no commentary):\n{example}"
+
+
 def generation_messages(file_name: str, chunks: list[dict], counts: dict[str, int], reasoning_types: list[str],
-                        min_complexity: int, forms: dict[str, int] | None = None) -> list[dict]:
+                        min_complexity: int, forms: dict[str, int] | None = None, structured: bool = False) -> list[dict]:
     """Chat messages of the generation call (deterministic for its inputs, so the cache can key on them).
 
     ``counts``: questions per query type; ``forms``: queries per query form (same total), the schedule
-    of ``sdg.llm.query_forms``.
+    of ``sdg.llm.query_forms``; ``structured``: the reply's schema is sent as ``response_format``.
     """
     n = sum(counts.values())
     forms = forms or {"question": n}
@@ -102,10 +113,12 @@ def generation_messages(file_name: str, chunks: list[dict], counts: dict[str, in
         "- Queries must stand alone: never write 'this document', 'the text', 'segment', 'the passage' or "
         "'the table above'. Do not copy a sentence verbatim as the query, and never put the answer in the query.\n"
         "- Answers are complete, short and use only the cited segments; never answer 'not specified'.\n\n"
-        "Reply with only this JSON object (no Markdown, no commentary):\n"
-        '{"qa_pairs": [{"question": "...", "answer": "...", "query_type": "multi_hop|structural|contextual", '
-        '"query_form": "question|instruction|keyword", '
-        '"reasoning_type": "...", "question_complexity": 3, "segment_ids": [1, 2], "hop_count": 2}]}'
+        + _reply_format(
+            '{"qa_pairs": [{"question": "...", "answer": "...", "query_type": "multi_hop|structural|contextual", '
+            '"query_form": "question|instruction|keyword", '
+            '"reasoning_type": "...", "question_complexity": 3, "segment_ids": [1, 2], "hop_count": 2}]}',
+            "question (your query), answer (its answer from the cited segments), query_type, query_form, "
+            "reasoning_type, question_complexity, segment_ids, hop_count", structured)
     )
     return [{"role": "system", "content": GEN_SYSTEM}, {"role": "user", "content": user}]
 
@@ -116,7 +129,7 @@ QUERY_JUDGE_SYSTEM = (
 )
 
 
-def query_judge_messages(pairs: list[dict]) -> list[dict]:
+def query_judge_messages(pairs: list[dict], structured: bool = False) -> list[dict]:
     """Chat messages of the blind query judge: the queries only (no document, no answer)."""
     listing = "\n".join(f"Query {i + 1}: {p['question']}" for i, p in enumerate(pairs))
     user = (
@@ -127,9 +140,11 @@ def query_judge_messages(pairs: list[dict]) -> list[dict]:
         "- plausible: would a real user of technical documentation type it into a search engine?\n"
         "- discriminative: is it specific enough that only a few passages would answer it?\n"
         "Give a one-sentence justification for each score.\n\n"
-        f"Reply with only this JSON object, with exactly {len(pairs)} entries in query order (no Markdown, no commentary):\n"
-        '{"query_evaluations": [{"standalone": {"score": 8, "justification": "..."}, '
-        '"plausible": {"score": 7, "justification": "..."}, "discriminative": {"score": 6, "justification": "..."}}]}'
+        f"Exactly {len(pairs)} entries, in query order. "
+        + _reply_format(
+            '{"query_evaluations": [{"standalone": {"score": 8, "justification": "..."}, '
+            '"plausible": {"score": 7, "justification": "..."}, "discriminative": {"score": 6, "justification": "..."}}]}',
+            "standalone, plausible, discriminative, each {score, justification}", structured)
     )
     return [{"role": "system", "content": QUERY_JUDGE_SYSTEM}, {"role": "user", "content": user}]
 
@@ -140,7 +155,7 @@ ANSWER_JUDGE_SYSTEM = (
 )
 
 
-def answer_judge_messages(file_name: str, chunks: list[dict], pairs: list[dict]) -> list[dict]:
+def answer_judge_messages(file_name: str, chunks: list[dict], pairs: list[dict], structured: bool = False) -> list[dict]:
     """Chat messages of the answer judge: the segments and the queries with their cited segment ids,
     never the generated answers (so the judge is not anchored by them)."""
     listing = "\n".join(f"Query {i + 1}: {p['question']}\ncited segments: {p['segment_ids']}"
@@ -152,9 +167,12 @@ def answer_judge_messages(file_name: str, chunks: list[dict], pairs: list[dict])
         "- context_support (1-10): do the cited segments alone contain everything needed to answer it?\n"
         "- answer: your own short answer from the cited segments (\"not answerable\" if they do not answer it).\n"
         "Give a one-sentence justification for each score.\n\n"
-        f"Reply with only this JSON object, with exactly {len(pairs)} entries in query order (no Markdown, no commentary):\n"
-        '{"answer_evaluations": [{"relevance": {"score": 8, "justification": "..."}, '
-        '"context_support": {"score": 9, "justification": "..."}, "answer": "..."}]}'
+        f"Exactly {len(pairs)} entries, in query order. "
+        + _reply_format(
+            '{"answer_evaluations": [{"relevance": {"score": 8, "justification": "..."}, '
+            '"context_support": {"score": 9, "justification": "..."}, "answer": "..."}]}',
+            "relevance and context_support, each {score, justification}, and answer (your own short answer)",
+            structured)
     )
     return [{"role": "system", "content": ANSWER_JUDGE_SYSTEM}, {"role": "user", "content": user}]
 
@@ -227,12 +245,16 @@ def extract_json_object(text: str) -> dict:
     if m:
         s = m.group(1).strip()
     try:
-        obj = json.loads(s)
+        # strict=False: raw newlines/tabs inside strings, which small models emit even under a grammar
+        obj = json.loads(s, strict=False)
     except json.JSONDecodeError as exc:
         raise ParseError(f"it is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
     if not isinstance(obj, dict):
         raise ParseError(f"expected a JSON object, got a JSON {type(obj).__name__}")
     return obj
+
+
+_TEXT = re.compile(r"[^\W_]{2}")
 
 
 def _as_int(v) -> int | None:
@@ -255,6 +277,8 @@ def validate_pair(p, chunk_ids: set[int], reasoning_types: list[str], min_comple
     q, a = p.get("question"), p.get("answer")
     if not isinstance(q, str) or not q.strip() or not isinstance(a, str) or not a.strip():
         return None, "missing_question_or_answer"
+    if not _TEXT.search(q) or not _TEXT.search(a):  # "...", the prompt's placeholder, copied
+        return None, "placeholder_text"
     qt = p.get("query_type")
     if not isinstance(qt, str) or qt.strip().lower() not in QUERY_TYPES:
         return None, "unknown_query_type"
