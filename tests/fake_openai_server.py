@@ -97,7 +97,7 @@ def generation_reply(messages: list[dict]) -> dict:
         pairs.insert(0, {"question": "Which flavour of ice cream do zebras in the savanna prefer on hot afternoons?",
                       "answer": "Mango.", "query_type": "contextual", "query_form": "question", "reasoning_type": rt,
                       "question_complexity": 3, "segment_ids": [segs[0][0]], "hop_count": 1})
-    pairs.append({"question": "An invalid pair citing a missing segment?", "answer": "x", "query_type": "contextual",
+    pairs.append({"question": "An invalid pair citing a missing segment?", "answer": "It cites segment 999.", "query_type": "contextual",
                   "query_form": "question", "reasoning_type": rt, "question_complexity": 3, "segment_ids": [999], "hop_count": 1})
     return {"qa_pairs": pairs}
 

@@ -230,10 +230,14 @@ def test_stage0_through_snakemake_server_killed_mid_run_resumes_then_prep_finetu
     assert so["setting"] == "auto" and so["generation"] == so["judge"] == "json_object"
     assert so["probes"]["generation"]["cached"] is True   # probed in run 1, not again
     assert s["tokens"]["total"] > 0                  # the server reports usage
-    assert s["documents_failed"] == 0
+    # a document whose replies stay unusable (e.g. "..." copied from the prompt) is counted and skipped
+    assert s["documents_ok"] + s["documents_failed"] == n_docs and s["documents_ok"] >= 2
+    assert all(w.startswith(("generation: ", "judge: ")) for w in s["failed_documents"].values())
+    assert s["parse_failures"] >= s["documents_failed"]
     # every parsed pair is accounted for: rejected by a rule, dropped by the round trip, or judged
     assert set(s["pairs_rejected"]) <= set(CHECKS)
-    assert s["pairs_generated"] == sum(s["pairs_rejected"].values()) + s["round_trip"]["dropped"] + s["pairs_judged"]
+    if not any(w.startswith("judge: ") for w in s["failed_documents"].values()):
+        assert s["pairs_generated"] == sum(s["pairs_rejected"].values()) + s["round_trip"]["dropped"] + s["pairs_judged"]
     assert s["pairs_judged"] >= 1
     records = load_sdg_records(stage0)
     pairs = [(p, e) for r in records for p, e in zip(r["deduplicated_qa_pairs"], r["qa_evaluations"]["evaluations"])]
