@@ -98,11 +98,21 @@ def _install_log_scrubbing() -> None:
 
 
 class LLMCallError(RuntimeError):
-    """A call that failed after its retries (or with a non-retryable status); the message is scrubbed."""
+    """A call that failed after its retries (or with a non-retryable status); the message is scrubbed.
+    ``status``: the HTTP status when the server answered one."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 class LLMFatalError(LLMCallError):
     """A failure no retry or other document can fix (bad key, unknown model or URL): stop the run."""
+
+
+class LLMUnreachableError(LLMFatalError):
+    """The endpoint stopped answering (connection refused or reset on every retry): the server is down,
+    so every other call would fail the same way. The run stops; finished calls stay in the cache."""
 
 
 def request_key(payload: dict) -> str:
@@ -260,8 +270,10 @@ class LLMClient:
                                      max_retries=0)
 
     def payload(self, messages: list[dict], *, temperature: float | None = None, top_p: float | None = None,
-                max_tokens: int | None = None, extra_body: dict | None = None) -> dict:
-        """The JSON body a call sends (and the input of its cache key)."""
+                max_tokens: int | None = None, extra_body: dict | None = None,
+                response_format: dict | None = None) -> dict:
+        """The JSON body a call sends (and the input of its cache key). ``response_format``: the
+        structured-output request (see :func:`response_format`), None = plain text."""
         body: dict = {"model": self.model, "messages": messages}
         if temperature is not None:
             body["temperature"] = float(temperature)
@@ -269,6 +281,8 @@ class LLMClient:
             body["top_p"] = float(top_p)
         if max_tokens:
             body["max_tokens"] = int(max_tokens)
+        if response_format is not None:
+            body["response_format"] = response_format
         for k, v in (extra_body or {}).items():
             body[k] = v
         return body
@@ -279,11 +293,13 @@ class LLMClient:
         time.sleep(d)
         return d
 
-    def chat(self, messages: list[dict], **params) -> dict:
+    def chat(self, messages: list[dict], *, retry_http: bool = True, **params) -> dict:
         """Send one chat completion (or answer it from the cache).
 
         Returns ``{"content": str, "finish_reason", "usage": {...}|None, "cached": bool}``.
-        Raises :class:`LLMFatalError` or :class:`LLMCallError` (scrubbed messages).
+        Raises :class:`LLMFatalError` or :class:`LLMCallError` (scrubbed messages). ``retry_http=False``
+        (the structured-output probe): an HTTP error status is not retried but raised at once (some
+        servers answer an unknown request field with a 500, e.g. llama-cpp-python's).
         """
         import openai
 
@@ -314,12 +330,12 @@ class LLMClient:
                 ) from None
             except openai.APIStatusError as exc:
                 code = exc.status_code
-                if code in (408, 409, 429) or code >= 500:
+                if retry_http and (code in (408, 409, 429) or code >= 500):
                     reason = f"http_{code}"
                     retry_after = _retry_after_seconds(exc.response.headers)
                 else:
                     self.stats.add(failed_calls=1)
-                    raise LLMCallError(f"HTTP {code} from {self.base_url}: {scrub(_short(exc))}") from None
+                    raise LLMCallError(f"HTTP {code} from {self.base_url}: {scrub(_short(exc))}", status=code) from None
             except openai.APITimeoutError:
                 reason = "timeout"
             except openai.APIConnectionError as exc:
@@ -341,6 +357,10 @@ class LLMClient:
                     return {**result, "cached": False}
             if attempt >= self.retry.max_retries:
                 self.stats.add(failed_calls=1)
+                if reason == "connection_error":
+                    raise LLMUnreachableError(
+                        f"{scrub(self.base_url)} stopped answering (connection refused or reset on every one of "
+                        f"{attempt + 1} attempts): is the server running?")
                 raise LLMCallError(f"{reason} from {self.base_url} after {attempt} retries")
             self.stats.add_retry(reason)
             waited = self._sleep(attempt, retry_after)
@@ -368,3 +388,108 @@ def _result_of(resp) -> dict:
     if u is not None:
         usage = {k: getattr(u, k, None) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
     return {"content": content, "finish_reason": finish, "usage": usage}
+
+
+# ---------------------------------------------------------------- structured outputs
+
+#: ``sdg.llm.structured_output`` values that send a ``response_format`` (``auto`` probes which one works).
+STRUCTURED_MODES = ("json_schema", "json_object")
+
+
+def response_format(mode: str | None, name: str, schema: dict) -> dict | None:
+    """The ``response_format`` request field of a structured-output ``mode``:
+
+    * ``json_schema`` — OpenAI's form ``{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}``
+      (OpenAI, vLLM, NIM, llama.cpp's ``llama-server``, Ollama);
+    * ``json_object`` — ``{"type": "json_object", "schema": ...}``: JSON mode with the schema beside it,
+      the form llama-cpp-python's server (and Anyscale-style endpoints) turn into a grammar; servers
+      that ignore ``schema`` still return JSON;
+    * ``none`` / None — no ``response_format``: plain text, strict parsing and retries only.
+    """
+    if mode in (None, "none"):
+        return None
+    if mode == "json_schema":
+        return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
+    if mode == "json_object":
+        return {"type": "json_object", "schema": bounded_strings(schema)}
+    raise ValueError(f"unknown structured-output mode {mode!r}")
+
+
+#: Length bounds of free-text fields in the ``json_object`` form: grammar-based servers turn them into
+#: the grammar, so a small model can neither leave a field empty nor run a string on until
+#: ``max_tokens`` cuts the JSON off (both seen with SmolLM2-135M). Not sent in the ``json_schema`` form:
+#: OpenAI's strict mode rejects schemas with keywords it does not support.
+STRING_MIN_LENGTH, STRING_MAX_LENGTH = 2, 400
+
+
+def bounded_strings(schema):
+    """A copy of ``schema`` whose free-text strings (no ``enum``) get ``minLength``/``maxLength``."""
+    if isinstance(schema, list):
+        return [bounded_strings(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: bounded_strings(v) for k, v in schema.items()}
+    if out.get("type") == "string" and "enum" not in out:
+        out.setdefault("minLength", STRING_MIN_LENGTH)
+        out.setdefault("maxLength", STRING_MAX_LENGTH)
+    return out
+
+
+#: The probe's schema: a reply can only be exactly ``{"rerankflow_probe": "ok"}`` if the server
+#: enforces it (the prompt never names the key), so a server that ignores ``response_format`` fails.
+PROBE_SCHEMA = {"type": "object", "properties": {"rerankflow_probe": {"type": "string", "enum": ["ok"]}},
+                "required": ["rerankflow_probe"], "additionalProperties": False}
+PROBE_MESSAGES = [{"role": "user", "content": "Reply with a JSON object."}]
+
+
+def probe_key(client: LLMClient, params: dict) -> str:
+    """Cache key of a probe outcome: the endpoint (base URL: capabilities are the server's), the model
+    and the request parameters."""
+    return request_key({"probe": "structured_output", "version": 1, "base_url": client.base_url,
+                        "model": client.model, "params": params})
+
+
+def probe_structured_output(client: LLMClient, cache: CallCache, params: dict) -> dict:
+    """Which structured-output mode ``client``'s endpoint honours: the first of :data:`STRUCTURED_MODES`
+    whose probe request (:data:`PROBE_SCHEMA`) is answered with exactly the schema's only valid object,
+    else ``none``. Returns ``{"mode", "tried": {mode: outcome}, "calls", "cached"}``.
+
+    One probe per endpoint and model: the outcome is stored in ``cache`` under a key of (base URL,
+    model, parameters), so a rerun makes no probe call. An HTTP error (400/422 from most servers; 500
+    from llama-cpp-python's, which reports its request validation errors that way; not retried here)
+    or a reply that breaks the schema means "not supported"; a 401/403/404, an unreachable server or
+    timeouts raise, as for any other call.
+    """
+    key = probe_key(client, params)
+    hit = cache.get(key)
+    if hit is not None and hit.get("mode") in (*STRUCTURED_MODES, "none"):
+        return {**hit, "calls": 0, "cached": True}
+    tried: dict[str, str] = {}
+    mode = "none"
+    calls_before = client.stats.calls
+    for m in STRUCTURED_MODES:
+        try:
+            res = client.chat(PROBE_MESSAGES, retry_http=False,
+                              **{**params, "temperature": 0.0, "response_format": response_format(m, "probe", PROBE_SCHEMA)})
+        except LLMFatalError:
+            raise
+        except LLMCallError as exc:
+            if exc.status is None:  # timeouts, connection errors after retries: the endpoint is not usable
+                raise
+            detail = str(exc).split(": ", 1)[-1][:120]
+            tried[m] = f"refused: HTTP {exc.status} ({detail})"
+            continue
+        try:
+            obj = json.loads((res["content"] or "").strip())
+        except json.JSONDecodeError:
+            obj = None
+        if obj == {"rerankflow_probe": "ok"}:
+            tried[m] = "honoured"
+            mode = m
+            break
+        tried[m] = f"ignored: replied {scrub(_short(Exception(res['content'] or ''), 80))!r}"
+    out = {"mode": mode, "tried": tried}
+    cache.put(key, client.model, out)
+    log.info("structured outputs at %s (%s): %s (%s)", scrub(client.base_url), client.model, mode,
+             "; ".join(f"{k}: {v}" for k, v in tried.items()))
+    return {**out, "calls": client.stats.calls - calls_before, "cached": False}

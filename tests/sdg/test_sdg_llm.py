@@ -26,7 +26,8 @@ from rerankflow.errors import InputError  # noqa: E402
 from rerankflow.sdg.llm_client import RetryPolicy, request_key, scrub  # noqa: E402
 from rerankflow.sdg.run import load_sdg_records, run_sdg  # noqa: E402
 from rerankflow.sdg.llm import generate_llm, plan_query_types, preview_llm  # noqa: E402
-from rerankflow.sdg.prompts import ParseError, extract_json_object, parse_generation, parse_judge  # noqa: E402
+from rerankflow.sdg.prompts import (ParseError, extract_json_object, parse_answer_judge, parse_generation,  # noqa: E402
+                                    parse_query_judge)
 
 REPO = Path(__file__).resolve().parents[2]
 KEY_ENV = "RERANKFLOW_TEST_LLM_KEY"
@@ -87,7 +88,7 @@ def sdg_cfg(server, cache_dir, **llm) -> dict:
     base = {
         "base_url": server.base_url, "api_key_env": KEY_ENV, "max_parallel_requests": 2,
         "retry_backoff_initial": 0.05, "retry_backoff_max": 0.2, "timeout": 5, "max_parse_retries": 2,
-        "cache_dir": str(cache_dir), "round_trip_filter": False,
+        "cache_dir": str(cache_dir), "round_trip_filter": False, "structured_output": "none",
     }
     base.update(llm)
     return load_config({"sdg": {"backend": "llm", "dataset_name": "fake", "num_pairs": 3, "sentences_per_chunk": 2,
@@ -119,7 +120,7 @@ def test_extract_json_object_strips_think_and_fence_but_rejects_prose():
 
 def test_parse_generation_drops_invalid_pairs_and_counts_why():
     ok = {"question": "How does sort order equal keys?", "answer": "Stably.", "query_type": "contextual",
-          "reasoning_type": "Factual", "question_complexity": 3, "segment_ids": [2], "hop_count": 1}
+          "query_form": "question", "reasoning_type": "Factual", "question_complexity": 3, "segment_ids": [2], "hop_count": 1}
     reply = json.dumps({"qa_pairs": [
         ok,
         dict(ok, question="q2", segment_ids=[7]),                                  # unknown segment
@@ -127,24 +128,34 @@ def test_parse_generation_drops_invalid_pairs_and_counts_why():
         dict(ok, question="q4", question_complexity=1),                            # below the floor
         dict(ok, question="q5", reasoning_type="astrology"),                       # unknown reasoning type
         dict(ok, question="q6", query_type="multi_hop", segment_ids=["1", 2], hop_count=2),
+        dict(ok, question="q7", query_form="keyword"),                            # a form not asked for
     ]})
-    pairs, dropped = parse_generation(reply, {1, 2, 3}, ["factual", "causal"], 2, num_pairs=5)
+    pairs, dropped = parse_generation(reply, {1, 2, 3}, ["factual", "causal"], 2, num_pairs=5,
+                                      forms=("question", "instruction"))
     assert [p["question"] for p in pairs] == ["How does sort order equal keys?", "q6"]
     assert pairs[0]["reasoning_type"] == "factual" and pairs[1]["segment_ids"] == [1, 2]
+    assert pairs[0]["query_form"] == "question"
     assert dropped == {"unknown_segment_id": 1, "multi_hop_single_segment": 1, "below_min_complexity": 1,
-                       "unknown_reasoning_type": 1}
+                       "unknown_reasoning_type": 1, "unknown_query_form": 1}
     with pytest.raises(ParseError, match="no valid question-answer pair"):
         parse_generation(json.dumps({"qa_pairs": [dict(ok, segment_ids=[9])]}), {1, 2}, ["factual"], 2, 5)
 
 
-def test_parse_judge_requires_one_complete_evaluation_per_pair():
-    ev = {c: {"score": 7, "justification": "ok"} for c in ("relevance", "accuracy", "context_support", "clarity")}
-    ev["overall"] = {"score": 7.5, "assessment": "good"}
-    assert parse_judge(json.dumps({"evaluations": [ev, ev]}), 2)[1]["overall"] == {"score": 7.5, "assessment": "good"}
+def test_parse_judges_require_one_complete_evaluation_per_query():
+    qe = {c: {"score": 7, "justification": "ok"} for c in ("standalone", "plausible", "discriminative")}
+    assert parse_query_judge(json.dumps({"query_evaluations": [qe, qe]}), 2)[1]["plausible"] == {
+        "score": 7.0, "justification": "ok"}
     with pytest.raises(ParseError, match="expected exactly 3"):
-        parse_judge(json.dumps({"evaluations": [ev, ev]}), 3)
-    with pytest.raises(ParseError, match="clarity"):
-        parse_judge(json.dumps({"evaluations": [dict(ev, clarity={"score": 11, "justification": "x"})]}), 1)
+        parse_query_judge(json.dumps({"query_evaluations": [qe, qe]}), 3)
+    with pytest.raises(ParseError, match="discriminative"):
+        parse_query_judge(json.dumps({"query_evaluations": [dict(qe, discriminative={"score": 11, "justification": "x"})]}), 1)
+    ae = {"relevance": {"score": 9, "justification": "ok"}, "context_support": {"score": "8", "justification": "ok"},
+          "answer": "  It is   stable. "}
+    assert parse_answer_judge(json.dumps({"answer_evaluations": [ae]}), 1) == [
+        {"relevance": {"score": 9.0, "justification": "ok"}, "context_support": {"score": 8.0, "justification": "ok"},
+         "answer": "It is stable."}]
+    with pytest.raises(ParseError, match='"answer" needs a string'):
+        parse_answer_judge(json.dumps({"answer_evaluations": [dict(ae, answer=None)]}), 1)
 
 
 def test_plan_query_types_follows_weights_and_needs_two_segments_for_multi_hop():
@@ -168,12 +179,15 @@ def test_retry_policy_honours_retry_after_and_backs_off_with_jitter():
 def test_full_stage0_run_writes_records_stage1_accepts_and_rerun_is_served_from_cache(fake, tmp_path):
     corpus = write_corpus(tmp_path / "corpus", DOCS)
     out = tmp_path / "output" / "stage0_sdg"
-    cfg = sdg_cfg(fake, out / ".llm_cache", round_trip_filter=True, round_trip_top_k=1)
+    cfg = sdg_cfg(fake, out / ".llm_cache", round_trip_filter=True, round_trip_top_k=1, structured_output="auto")
     manifest = run_sdg(corpus, out, CORPUS_CFG, cfg, RETRIEVAL, seed=3, device="cpu")
     records = load_sdg_records(out)                     # stage 1's reader validates every record
     assert len(records) == len(DOCS)
     n_docs = len(DOCS)
-    assert fake.count("generation") == n_docs and fake.count("judge") == n_docs
+    assert fake.count("generation") == n_docs and fake.count("judge") == 2 * n_docs and fake.count("probe") == 1
+    # auto probed once (json_schema honoured), then every call asked for its schema
+    assert all(b["response_format"]["type"] == "json_schema" for b in fake.requests)
+    assert fake.requests[0]["messages"] == [{"role": "user", "content": "Reply with a JSON object."}]
     assert all(h == f"Bearer {DUMMY_KEY}" for h in fake.auth_headers)   # the key did reach the server
     questions = [p["question"] for r in records for p in r["deduplicated_qa_pairs"]]
     assert not any("zebras" in q for q in questions)    # the off-topic question failed the round trip
@@ -183,21 +197,31 @@ def test_full_stage0_run_writes_records_stage1_accepts_and_rerun_is_served_from_
         assert set(r["chunks"][0]) == {"chunk_id", "text", "start", "end"}
         for p in r["deduplicated_qa_pairs"]:
             assert p["query_type"] in ("multi_hop", "structural", "contextual")
+            assert p["query_form"] in ("question", "instruction", "keyword")
             assert p["query_type"] != "multi_hop" or len(p["segment_ids"]) >= 2
+        for e in r["qa_evaluations"]["evaluations"]:   # both judges' scores, combined
+            assert set(e["query_judge"]) == {"standalone", "plausible", "discriminative"}
+            assert e["accuracy"]["score"] == 10.0 and e["answer_judge"]["answer"]
     summary = json.loads(Path(manifest).read_text())["llm"]
-    assert summary["round_trip"]["dropped"] >= 1
+    assert summary["round_trip"]["dropped"] >= 1 and summary["rejects_by_reason"]["round_trip"] >= 1
     assert summary["pairs_dropped_invalid"]["unknown_segment_id"] == n_docs
-    assert summary["calls"] == 2 * n_docs and summary["expected_calls"] == 2 * n_docs
-    assert summary["tokens"] == {"prompt": 100 * 2 * n_docs, "completion": 50 * 2 * n_docs, "total": 150 * 2 * n_docs}
+    assert summary["rejects_by_reason"]["invalid:unknown_segment_id"] == n_docs
+    assert summary["calls"] == 3 * n_docs + 1 and summary["expected_calls"] == 3 * n_docs
+    assert summary["structured_output"]["generation"] == "json_schema"
+    assert summary["structured_output"]["probes"]["generation"]["tried"] == {"json_schema": "honoured"}
+    n_calls = 3 * n_docs + 1
+    assert summary["tokens"] == {"prompt": 100 * n_calls, "completion": 50 * n_calls, "total": 150 * n_calls}
     cached = sorted(p.stem for p in (out / ".llm_cache").rglob("*.json"))
-    assert cached == sorted(request_key(b) for b in fake.requests)   # key = what the server received
+    sent = sorted(request_key(b) for b in fake.requests)
+    assert set(sent) <= set(cached) and len(cached) == len(sent) + 1  # key = what the server received; + the probe outcome
 
     # a second generation with the same settings makes no request at all and gives the same pairs
     before = len(fake.requests)
     docs = load_documents(corpus)
     records2, summary2 = generate_llm(docs, cfg, RETRIEVAL, seed=3, device="cpu")
     assert len(fake.requests) == before
-    assert summary2["cache_hits"] == 2 * n_docs and summary2["calls"] == 0
+    assert summary2["cache_hits"] == 3 * n_docs and summary2["calls"] == 0
+    assert summary2["structured_output"]["probes"]["generation"]["cached"] is True
     kept = {p["question"] for r in records2 for p in r["deduplicated_qa_pairs"]}
     assert set(questions) <= kept
     assert files_containing(tmp_path / "output", DUMMY_KEY) == []
@@ -215,8 +239,8 @@ def test_429_500_slow_and_non_completion_responses_are_retried_and_the_run_compl
     assert len(records) == 2 and summary["documents_failed"] == 0
     assert summary["retries"] == 4
     assert summary["retry_reasons"] == {"http_429": 1, "http_500": 1, "timeout": 1, "invalid_response": 1}
-    assert len(fake.requests) == 4 + 4 and summary["calls"] == 4
-    assert len(list((tmp_path / "cache").rglob("*.json"))) == 4     # only real completions are cached
+    assert len(fake.requests) == 4 + 6 and summary["calls"] == 6
+    assert len(list((tmp_path / "cache").rglob("*.json"))) == 6     # only real completions are cached
     # the retry after the 429 waited for Retry-After (1 s), not the 0.05 s backoff
     assert fake.requests[1] == fake.requests[0] and fake.times[1] - fake.times[0] >= 0.95
     assert time.monotonic() - t0 >= 2.0
@@ -277,7 +301,7 @@ def test_preview_prints_records_and_persists_nothing(fake, tmp_path):
     cfg = sdg_cfg(fake, cache)
     buf = io.StringIO()
     records = preview_llm(corpus, CORPUS_CFG, cfg, RETRIEVAL, SEED, "auto", stream=buf)
-    assert len(records) == 1 and fake.count() == 2
+    assert len(records) == 1 and fake.count() == 3
     printed = buf.getvalue()
     assert records[0]["deduplicated_qa_pairs"][0]["question"] in printed and '"summary"' in printed
     assert not (tmp_path / "out").exists()
@@ -318,7 +342,7 @@ def test_sigkill_mid_run_then_rerun_repeats_no_finished_call(fake, tmp_path):
     proc.wait()
     finished = {p.stem for p in cache.rglob("*.json")}
     split = len(fake.requests)
-    assert 4 <= len(finished) < 12, "the kill must land mid-run"
+    assert 4 <= len(finished) < 18, "the kill must land mid-run"
     assert finished <= {request_key(b) for b in fake.requests}
     assert not (out / "generation_result.json").exists()
 
@@ -327,7 +351,7 @@ def test_sigkill_mid_run_then_rerun_repeats_no_finished_call(fake, tmp_path):
     assert proc.wait(timeout=120) == 0, (tmp_path / "logs" / "run2.log").read_text()[-3000:]
     second = [request_key(b) for b in fake.requests[split:]]
     assert finished.isdisjoint(second)                  # no finished call was sent again
-    assert len(second) == len(set(second)) == 12 - len(finished)
+    assert len(second) == len(set(second)) == 18 - len(finished)
     assert len(load_sdg_records(out)) == 6
     summary = json.loads((out / "generation_result.json").read_text())["llm"]
     assert summary["cache_hits"] == len(finished)
@@ -386,12 +410,13 @@ def test_snakemake_stage0_with_llm_backend(fake, tmp_path, monkeypatch):
     run_snakemake(wd, target, "--configfile", str(cfgfile))
     records = load_sdg_records(out)
     n_docs = len(records)
-    assert n_docs >= 5 and fake.count("generation") == n_docs and fake.count("judge") == n_docs
+    assert n_docs >= 5 and fake.count("generation") == n_docs and fake.count("judge") == 2 * n_docs
     assert sum(len(r["deduplicated_qa_pairs"]) for r in records) >= n_docs
-    assert len(list((out / ".llm_cache").rglob("*.json"))) == 2 * n_docs   # default cache: OUT/stage0_sdg/.llm_cache
+    # default cache: OUT/stage0_sdg/.llm_cache: every call, the probe's call and the probe's outcome
+    assert len(list((out / ".llm_cache").rglob("*.json"))) == 3 * n_docs + 2
     assert (out / "generation_result.json").stat().st_mode & 0o222 == 0     # protected: it cost API calls
     summary = json.loads((out / "generation_result.json").read_text())
-    assert summary["backend"] == "llm" and summary["llm"]["calls"] == 2 * n_docs
+    assert summary["backend"] == "llm" and summary["llm"]["calls"] == 3 * n_docs + 1
     for d in ("output", "logs", ".snakemake"):
         assert files_containing(wd / d, DUMMY_KEY) == [], d
 
@@ -421,10 +446,10 @@ def test_cli_preview_prints_and_writes_nothing_and_refuses_without_key(fake, tmp
            "--preview"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count('"deduplicated_qa_pairs"') == 2 and fake.count() == 4
+    assert proc.stdout.count('"deduplicated_qa_pairs"') == 2 and fake.count() == 6
     assert not out.exists() and not (tmp_path / ".llm_cache").exists()
     assert DUMMY_KEY not in proc.stdout + proc.stderr
     env.pop(KEY_ENV)
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and f"environment variable {KEY_ENV} is not set" in proc.stderr
-    assert fake.count() == 4
+    assert fake.count() == 6
