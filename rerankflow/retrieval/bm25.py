@@ -42,6 +42,7 @@ TOKEN_PATTERN = r"(?u)\b\w\w+\b"
 METHOD = "lucene"
 IDS_FILE = "doc_ids.json"
 INFO_FILE = "bm25_info.json"
+PROGRESS_MIN_DOCS = 50_000  # indexing a corpus this large shows bm25s's tqdm bars (stderr, so the rule log)
 
 
 @dataclass(frozen=True)
@@ -87,12 +88,12 @@ class BM25Settings:
                              key="retrieval.bm25.stemmer")
         return Stemmer.Stemmer(self.stemmer)
 
-    def tokenize(self, texts: Sequence[str], *, return_ids: bool):
+    def tokenize(self, texts: Sequence[str], *, return_ids: bool, progress: bool = False):
         """``bm25s.tokenize`` with these settings (ids + vocabulary, or lists of string tokens)."""
         import bm25s
 
         return bm25s.tokenize(list(texts), lower=True, token_pattern=TOKEN_PATTERN, stopwords=self.stopword_list(),
-                              stemmer=self.stemmer_fn(), return_ids=return_ids, show_progress=False)
+                              stemmer=self.stemmer_fn(), return_ids=return_ids, show_progress=progress)
 
     def fingerprint(self) -> dict:
         """Everything besides the corpus that changes the index."""
@@ -149,7 +150,8 @@ class BM25Index:
                 return cls(ids, settings, key, model, True)
             log.warning("bm25 index %s lists other document ids; rebuilding it", folder)
         model = bm25s.BM25(k1=settings.k1, b=settings.b, method=METHOD)
-        model.index(settings.tokenize(texts, return_ids=True), show_progress=False)
+        progress = len(ids) >= PROGRESS_MIN_DOCS
+        model.index(settings.tokenize(texts, return_ids=True, progress=progress), show_progress=progress)
         if folder is not None:
             with atomic_path(folder, is_dir=True) as tmp:
                 model.save(str(tmp), show_progress=False)
@@ -171,7 +173,8 @@ class BM25Index:
         if not live:
             return run
         k = min(int(top_k), len(self.ids))
-        docs, scores = self.model.retrieve([tokens[i] for i in live], k=k, show_progress=False, n_threads=1)
+        docs, scores = self.model.retrieve([tokens[i] for i in live], k=k, n_threads=1,
+                                           show_progress=len(self.ids) >= PROGRESS_MIN_DOCS)
         for row, i in enumerate(live):
             order = np.lexsort((docs[row], -scores[row]))  # score descending, then corpus order
             run[qids[i]] = {self.ids[int(docs[row][j])]: float(scores[row][j]) for j in order if scores[row][j] > 0}

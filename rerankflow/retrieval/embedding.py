@@ -137,9 +137,11 @@ def search(query_emb: np.ndarray, corpus_emb: np.ndarray, top_k: int, block_size
     """Exact inner-product top-k of every query over the corpus, corpus walked in blocks.
 
     Returns ``(scores, indices)`` of shape ``[n_queries, min(top_k, n_corpus)]``, best first.
-    Memory: one block of corpus vectors plus ``n_queries x 2k`` running results.
+    Memory: one block of corpus vectors plus ``n_queries x 2k`` running results. A tqdm bar (stderr, so
+    the rule log) shows the blocks searched when there is more than one.
     """
     import faiss
+    from tqdm.auto import tqdm
 
     q = np.ascontiguousarray(query_emb, dtype=np.float32)
     n, dim = corpus_emb.shape
@@ -147,7 +149,8 @@ def search(query_emb: np.ndarray, corpus_emb: np.ndarray, top_k: int, block_size
     best_s = np.full((q.shape[0], 0), -np.inf, dtype=np.float32)
     best_i = np.zeros((q.shape[0], 0), dtype=np.int64)
     gpu = _gpu_resources()
-    for start in range(0, n, block_size):
+    starts = range(0, n, block_size)
+    for start in tqdm(starts, desc="search", unit="block", disable=len(starts) < 2, mininterval=5.0):
         block = np.ascontiguousarray(corpus_emb[start:start + block_size], dtype=np.float32)
         index = faiss.IndexFlatIP(dim)
         if gpu is not None:

@@ -35,17 +35,32 @@ log = logging.getLogger(__name__)
 INDEX_TYPES = ("flat", "hnsw")
 
 
-def hnsw_search(query_emb: np.ndarray, corpus_emb: np.ndarray, top_k: int, m: int, ef_search: int,
-                ef_construction: int = 200, block_size: int = 65536):
-    """Approximate inner-product top-k with ``faiss.IndexHNSWFlat``; same return shape as ``search``."""
+def build_hnsw_index(corpus_emb: np.ndarray, m: int, ef_construction: int = 200, block_size: int = 65536):
+    """A ``faiss.IndexHNSWFlat`` (inner product) over ``corpus_emb``, added in blocks of ``block_size`` rows.
+
+    Blocks keep a memory-mapped cache from being copied whole; a tqdm bar (stderr, so the rule log) shows
+    the blocks added when there is more than one.
+    """
     import faiss
+    from tqdm.auto import tqdm
 
     n, dim = corpus_emb.shape
     index = faiss.IndexHNSWFlat(dim, int(m), faiss.METRIC_INNER_PRODUCT)
     index.hnsw.efConstruction = int(ef_construction)
-    for start in range(0, n, block_size):  # add in blocks: a memory-mapped cache is never copied whole
+    starts = range(0, n, block_size)
+    for start in tqdm(starts, desc="hnsw index", unit="block", disable=len(starts) < 2, mininterval=5.0):
         index.add(np.ascontiguousarray(corpus_emb[start:start + block_size], dtype=np.float32))
-    k = min(int(top_k), n)
+    return index
+
+
+def hnsw_search(query_emb: np.ndarray, corpus_emb: np.ndarray, top_k: int, m: int, ef_search: int,
+                ef_construction: int = 200, block_size: int = 65536):
+    """Approximate inner-product top-k with ``faiss.IndexHNSWFlat``; same return shape as ``search``.
+
+    The index is built by :func:`build_hnsw_index` and searched with ``efSearch = max(ef_search, k)``.
+    """
+    index = build_hnsw_index(corpus_emb, m, ef_construction, block_size)
+    k = min(int(top_k), corpus_emb.shape[0])
     index.hnsw.efSearch = max(int(ef_search), k)
     return index.search(np.ascontiguousarray(query_emb, dtype=np.float32), k)
 
