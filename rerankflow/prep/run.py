@@ -224,10 +224,9 @@ def _write_training_files(out_dir: Path, mine_q: list[dict], mined, pids: list[s
 def _teacher_scorer(teacher: dict, batch_size: int, device: str):
     """``score_pairs(pairs, desc)`` with the teacher cross-encoder, built like stage 3 builds the base's scorer
     (its input format, the prompt template and max_length of ``reranker``), in fp32."""
-    from rerankflow.eval.evaluate import resolve_checkpoint
     from rerankflow.scoring.cross_encoder import CrossEncoderScorer
 
-    scorer = CrossEncoderScorer(resolve_checkpoint(teacher["model"]), max_length=int(teacher["max_length"]),
+    scorer = CrossEncoderScorer(teacher["model"], max_length=int(teacher["max_length"]),
                                 template=teacher["prompt_template"], device=device, bf16=False,
                                 batch_size=int(batch_size), input_format=teacher["input_format"])
     return lambda pairs, desc: scorer.score(pairs, sort_by_length=True, desc=desc)
