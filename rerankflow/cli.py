@@ -38,6 +38,8 @@ def _serve_parser(sub) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--intra-op-threads", type=int)
     p.add_argument("--max-batch-size", type=int)
+    p.add_argument("--max-batch-tokens", type=int,
+                   help="deploy.max_batch_tokens: padded tokens per batch (pairs x longest pair); default: no token budget")
     p.add_argument("--max-wait-ms", type=float)
     p.add_argument("--batch-workers", type=int, help="batches run at once (each in its own thread)")
     p.add_argument("--dynamic-batching", dest="dynamic_batching", action="store_true", default=None)
@@ -84,6 +86,7 @@ def serve_settings_from_args(args) -> "ServeSettings":  # noqa: F821
         "model_name": args.model_name, "max_length": args.max_length, "prompt_template": args.prompt_template,
         "input_format": args.input_format,
         "device": args.device, "intra_op_threads": args.intra_op_threads, "max_batch_size": args.max_batch_size,
+        "max_batch_tokens": args.max_batch_tokens,
         "max_wait_ms": args.max_wait_ms, "batch_workers": args.batch_workers, "dynamic_batching": args.dynamic_batching, "max_passages": args.max_passages,
         "max_body_bytes": args.max_body_bytes, "max_text_chars": args.max_text_chars,
         "default_truncate": args.default_truncate, "auth_token_env": args.auth_token_env, "log_level": args.log_level,

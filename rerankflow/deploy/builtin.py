@@ -155,6 +155,7 @@ def _served_vs_direct(smoke_result: dict, smoke: dict, settings: ServeSettings) 
         prompt_template=settings.prompt_template, input_format=settings.input_format,
         providers=choose_providers(settings.device, key="deploy.device"), batch_size=settings.max_batch_size,
         intra_op_threads=settings.intra_op_threads, max_padding=settings.max_padding,
+        max_batch_tokens=settings.max_batch_tokens,
     ).score(smoke["query"], smoke["passages"])
     diff = max(abs(a - float(b)) for a, b in zip(smoke_result["logits"], direct))
     if diff > MAX_SERVED_VS_DIRECT:

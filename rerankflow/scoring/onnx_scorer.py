@@ -110,9 +110,11 @@ class OnnxScorer:
         batch_size: int,
         intra_op_threads: int,
         max_padding: float,
+        max_batch_tokens: int | None = None,
     ):
-        """``providers`` from :func:`~rerankflow.scoring.onnx_session.choose_providers`; ``batch_size``
-        and ``max_padding`` are the batching plan of :meth:`run` (:func:`plan_chunks`)."""
+        """``providers`` from :func:`~rerankflow.scoring.onnx_session.choose_providers`; ``batch_size``,
+        ``max_padding`` and ``max_batch_tokens`` (None: no token budget) are the batching plan of
+        :meth:`run` (:func:`plan_chunks`)."""
         from tokenizers import Tokenizer
 
         self.model_file = find_model_file(model)
@@ -123,6 +125,7 @@ class OnnxScorer:
             raise InputError(f"max_length must be at least 8 tokens, got {self.max_length}", key="reranker.max_length")
         self.batch_size = int(batch_size)
         self.max_padding = float(max_padding)
+        self.max_batch_tokens = None if max_batch_tokens is None else int(max_batch_tokens)
 
         tok = Tokenizer.from_file(str(self.tokenizer_file))
         padding = tok.padding  # read the pad id before switching padding off
@@ -183,10 +186,12 @@ class OnnxScorer:
     # ---------------------------------------------------------------- tokens -> logits
     def plan(self, encoded: Sequence[Encoded], batch_size: int | None = None) -> list[list[int]]:
         """The batching plan of :meth:`run`: row indices of ``encoded``, sorted by length and cut into
-        chunks of at most ``batch_size`` rows (default: the scorer's) by :func:`plan_chunks`."""
+        chunks of at most ``batch_size`` rows (default: the scorer's) and ``max_batch_tokens`` padded
+        tokens by :func:`plan_chunks`."""
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         bs = int(batch_size or self.batch_size)
-        return [[order[i] for i in idx] for idx in plan_chunks([len(encoded[i]) for i in order], bs, self.max_padding)]
+        lengths = [len(encoded[i]) for i in order]
+        return [[order[i] for i in idx] for idx in plan_chunks(lengths, bs, self.max_padding, self.max_batch_tokens)]
 
     def run(self, encoded: Sequence[Encoded], batch_size: int | None = None) -> np.ndarray:
         """Logits (float32, shape ``[n]``) of tokenized pairs, in input order.
@@ -244,12 +249,16 @@ class OnnxScorer:
         return self.score_texts([self.format(q, p) for q, p in pairs], batch_size)
 
 
-def plan_chunks(sorted_lengths: Sequence[int], batch_size: int, max_padding: float) -> list[list[int]]:
+def plan_chunks(sorted_lengths: Sequence[int], batch_size: int, max_padding: float,
+                max_tokens: int | None = None) -> list[list[int]]:
     """Cut length-sorted rows into chunks of at most ``batch_size`` rows.
 
     A chunk is also closed before a row that would make its padded size exceed
     ``(1 + max_padding)`` times its real tokens (``max_padding`` < 0 disables this), so that
-    short rows do not pay for the attention and matmuls of a long one.
+    short rows do not pay for the attention and matmuls of a long one, and before a row that
+    would make its padded size (rows x longest row, as TEI counts a padded batch) exceed
+    ``max_tokens`` (None disables this). A row longer than ``max_tokens`` on its own is a chunk
+    by itself: every row is always planned.
     """
     chunks: list[list[int]] = []
     cur: list[int] = []
@@ -258,6 +267,7 @@ def plan_chunks(sorted_lengths: Sequence[int], batch_size: int, max_padding: flo
         if cur and (
             len(cur) >= batch_size
             or (max_padding >= 0 and length * (len(cur) + 1) > (1.0 + max_padding) * (real + length))
+            or (max_tokens is not None and length * (len(cur) + 1) > max_tokens)
         ):
             chunks.append(cur)
             cur, real = [], 0

@@ -15,6 +15,8 @@ Endpoints (all JSON):
 * ``GET /v1/health/live``, ``GET /v1/health/ready`` (503 until the model is loaded and the
   batcher runs, and again while shutting down), ``GET /v1/models`` (with the ``max_length`` and
   ``input_format`` the model is served with).
+* ``GET /metrics`` — Prometheus text format (:mod:`rerankflow.serve.metrics`): requests by endpoint
+  and status, latency, pairs scored, batch pairs and padded tokens, queue waits.
 
 Errors are ``{"object": "error", "type", "message", "detail"}`` with status 400 (invalid JSON,
 too many passages, text too long, over-long pair with ``truncate: NONE``, a query that fills
@@ -30,14 +32,15 @@ Fusion (a rerankflow extension): when every passage of a ``/v1/ranking`` request
 
 Dynamic batching (``dynamic_batching: true``): pairs of concurrent requests are queued and
 ``batch_workers`` worker threads run them through ONNX Runtime in batches of at most
-``max_batch_size`` pairs, waiting at most ``max_wait_ms`` for a batch to fill. Switched off, every request runs its own
+``max_batch_size`` pairs and, when set, ``max_batch_tokens`` padded tokens (pairs x longest pair),
+waiting at most ``max_wait_ms`` for a batch to fill. Switched off, every request runs its own
 ``session.run`` calls in the thread pool as soon as it arrives.
 
 The ``model`` field of requests is accepted and ignored (clients written for a NIM send the NIM's
 model id); ``/v1/models`` reports the name this server serves.
 
-Auth: when ``auth_token_env`` names an environment variable, ``/v1/ranking``, ``/v1/rerank`` and
-``/v1/models`` require ``Authorization: Bearer <its value>``; health endpoints stay open for
+Auth: when ``auth_token_env`` names an environment variable, ``/v1/ranking``, ``/v1/rerank``,
+``/v1/models`` and ``/metrics`` require ``Authorization: Bearer <its value>``; health endpoints stay open for
 probes. The token is read once at start-up and never logged.
 """
 
@@ -54,6 +57,7 @@ from rerankflow.scoring.onnx_session import choose_providers
 from rerankflow.scoring.export_record import resolve_text_settings
 from rerankflow.serve.api import ApiError, error_response
 from rerankflow.serve.batcher import DynamicBatcher
+from rerankflow.serve.metrics import ServeMetrics
 from rerankflow.serve.routes import ClientGone, Routes
 from rerankflow.serve.settings import ServeSettings, read_auth_token
 
@@ -76,30 +80,44 @@ def build_scorer(settings: ServeSettings) -> OnnxScorer:
         batch_size=settings.max_batch_size,
         intra_op_threads=settings.intra_op_threads,
         max_padding=settings.max_padding,
+        max_batch_tokens=settings.max_batch_tokens,
     )
 
 
 # ------------------------------------------------------------------ access log middleware
 class AccessLogMiddleware:
-    """One log line per HTTP request: client, method, path, status, pairs, latency. No headers."""
+    """One log line per HTTP request: client, method, path, status, pairs, latency. No headers.
 
-    def __init__(self, app):
+    With ``metrics`` (a :class:`~rerankflow.serve.metrics.ServeMetrics`), the request is also counted, just
+    before the last byte of its answer is sent: a client that has its answer finds it counted at /metrics.
+    """
+
+    def __init__(self, app, metrics=None):
         self.app = app
+        self.metrics = metrics
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         t0 = time.perf_counter()
-        status = {"code": 500}
+        status = {"code": 500, "counted": False}
+
+        def count() -> None:
+            if self.metrics is not None and not status["counted"]:
+                status["counted"] = True
+                self.metrics.request_done(scope["path"], status["code"], time.perf_counter() - t0)
 
         async def send_wrapper(message):
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                count()
             await send(message)
 
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
+            count()
             ms = (time.perf_counter() - t0) * 1000.0
             client = scope.get("client") or ("-", 0)
             pairs = (scope.get("state") or {}).get("pairs")
@@ -121,11 +139,20 @@ def create_app(settings: ServeSettings, scorer: OnnxScorer | None = None):
     if scorer is None:
         scorer = build_scorer(settings)
     scorer.score("warm-up", ["warm-up passage"])  # first run allocates; keep it off the first request
+    settings.check_batch_tokens(scorer.max_length)  # with the max_length actually served
     model_name = settings.model_name or f"rerankflow/{scorer.model_file.parent.name}"
+    live: dict = {}  # the batcher and routes, for the gauges read at scrape time
+    metrics = ServeMetrics(
+        paths=(),  # set below, once the routes are registered
+        queued_pairs=lambda: live["batcher"].queued_pairs if live.get("batcher") else 0,
+        admitted_pairs=lambda: live["routes"].admitted_pairs if live.get("routes") else 0,
+    )
     batcher = (
-        DynamicBatcher(scorer.run, settings.max_batch_size, settings.max_wait_ms, settings.batch_workers, settings.max_padding)
+        DynamicBatcher(scorer.run, settings.max_batch_size, settings.max_wait_ms, settings.batch_workers, settings.max_padding,
+                       max_batch_tokens=settings.max_batch_tokens, observer=metrics)
         if settings.dynamic_batching else None
     )
+    live["batcher"] = batcher
     state = {"ready": False}
     if settings.host not in ("127.0.0.1", "localhost", "::1") and token is None:
         log.warning("binding %s without auth: anyone who can reach this port can use the service", settings.host)
@@ -136,9 +163,10 @@ def create_app(settings: ServeSettings, scorer: OnnxScorer | None = None):
             await batcher.start()
         state["ready"] = True
         log.info(  # where it listens is logged once the socket is bound (rerankflow.serve.server)
-            "ready to serve %s (%s), dynamic batching %s (max_batch_size %d, max_wait_ms %s, workers %d), auth %s",
-            model_name, scorer.model_file,
-            "on" if batcher else "off", settings.max_batch_size, settings.max_wait_ms, settings.batch_workers,
+            "ready to serve %s (%s), dynamic batching %s (max_batch_size %d, max_batch_tokens %s, max_wait_ms %s, "
+            "workers %d), auth %s",
+            model_name, scorer.model_file, "on" if batcher else "off", settings.max_batch_size,
+            settings.max_batch_tokens, settings.max_wait_ms, settings.batch_workers,
             f"on (token from ${settings.auth_token_env})" if token else "off",
         )
         try:
@@ -152,19 +180,22 @@ def create_app(settings: ServeSettings, scorer: OnnxScorer | None = None):
     # With auth on, the API description is not served either: it would be the one unauthenticated page.
     app = FastAPI(title="rerankflow ranking service", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None if token else "/openapi.json")
-    app.add_middleware(AccessLogMiddleware)
+    app.add_middleware(AccessLogMiddleware, metrics=metrics)
     app.state.settings = settings
     app.state.scorer = scorer
     app.state.batcher = batcher
     app.state.model_name = model_name
+    app.state.metrics = metrics
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _internal_error)
     app.add_exception_handler(ClientGone, _client_gone)
     fusion_weight = resolve_fusion_weight(settings, scorer)
-    routes = Routes(settings, scorer, batcher, token, model_name, state, fusion_weight)
+    routes = Routes(settings, scorer, batcher, token, model_name, state, fusion_weight, metrics=metrics)
+    live["routes"] = routes
     app.state.routes = routes
     routes.register(app)
+    metrics.paths = frozenset(route.path for route in app.routes)
     return app
 
 

@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from rerankflow.scoring.onnx_scorer import OnnxScorer, sigmoid
 from rerankflow.serve.api import LIVE_BODY, NOT_READY_BODY, READY_BODY, ApiError, RankingRequest, RerankRequest, validation_detail
 from rerankflow.serve.batcher import DynamicBatcher
+from rerankflow.serve.metrics import METRICS_PATH, ServeMetrics
 from rerankflow.serve.settings import ServeSettings
 
 log = logging.getLogger("rerankflow.serve.app")
@@ -54,19 +55,22 @@ class Routes:
     """
 
     def __init__(self, settings: ServeSettings, scorer: OnnxScorer, batcher: DynamicBatcher | None,
-                 token: str | None, model_name: str, state: dict, fusion_weight: float | None = None):
+                 token: str | None, model_name: str, state: dict, fusion_weight: float | None = None,
+                 metrics: ServeMetrics | None = None):
         self.settings, self.scorer, self.batcher, self.token = settings, scorer, batcher, token
         self.model_name, self.state = model_name, state
         self.fusion_weight = fusion_weight  # settings.fusion_weight, else the export record's; None: no fusion
         self.created = int(time.time())
         self.admitted_pairs = 0  # pairs of requests being tokenized, queued or scored (bounded by max_queued_pairs)
         self.cancelled_requests = 0  # requests whose client went away before their answer (their queued pairs dropped)
+        self.metrics = metrics if metrics is not None else ServeMetrics(paths=())
 
     def register(self, app) -> None:
         """Add every endpoint to the FastAPI ``app``."""
         app.get("/v1/health/live")(self.live)
         app.get("/v1/health/ready")(self.ready)
         app.get("/v1/models")(self.models)
+        app.get(METRICS_PATH, include_in_schema=False)(self.metrics_text)
         app.post("/v1/ranking")(self.ranking)
         app.post("/v1/rerank")(self.rerank)
         app.post("/v2/rerank", include_in_schema=False)(self.rerank)  # Cohere v2 clients
@@ -203,7 +207,10 @@ class Routes:
         scorer = self.scorer
         logits = np.empty(len(encoded), dtype=np.float32)
         for rows in scorer.plan(encoded):
-            logits[rows] = await run_in_threadpool(scorer.run_chunk, [encoded[i] for i in rows])
+            chunk = [encoded[i] for i in rows]
+            self.metrics.batch_started(len(chunk), len(chunk) * max(len(e) for e in chunk), ())
+            logits[rows] = await run_in_threadpool(scorer.run_chunk, chunk)
+            self.metrics.batch_scored(len(chunk))
         return logits
 
     async def until_scored_or_gone(self, request: Request, coro):
@@ -253,6 +260,13 @@ class Routes:
         if not (self.state["ready"] and (self.batcher is None or self.batcher.running)):
             return JSONResponse(status_code=503, content=NOT_READY_BODY)
         return READY_BODY
+
+    async def metrics_text(self, request: Request):
+        """Prometheus text format of :class:`~rerankflow.serve.metrics.ServeMetrics` (bearer token as for the API)."""
+        from fastapi.responses import Response
+
+        self.check_auth(request)
+        return Response(content=self.metrics.exposition(), media_type=self.metrics.content_type)
 
     async def models(self, request: Request):
         self.check_auth(request)

@@ -41,6 +41,7 @@ class ServeSettings:
     body_timeout_s: float
     keep_alive_timeout_s: float
     limit_concurrency: int | None
+    max_batch_tokens: int | None = None  # None: batches bounded by max_batch_size pairs only
     fusion_weight: float | None = None  # None: the export record's fusion weight (rerankflow_export.json 'fusion'), if any
     tokenizer: str | None = None
     model_name: str | None = None
@@ -81,6 +82,7 @@ class ServeSettings:
                 raise InputError(f"must be > 0 seconds, got {getattr(self, name)!r}", key=f"deploy.{name}")
         if self.limit_concurrency is not None and int(self.limit_concurrency) < 1:
             raise InputError(f"must be >= 1 or null, got {self.limit_concurrency!r}", key="deploy.limit_concurrency")
+        self.check_batch_tokens()
         if self.fusion_weight is not None:
             from rerankflow.scoring.fusion import check_fusion_weight
 
@@ -92,6 +94,20 @@ class ServeSettings:
         if self.input_format is not None and self.input_format not in INPUT_FORMATS:
             raise InputError(f"must be one of {', '.join(INPUT_FORMATS)}, got {self.input_format!r}", key="reranker.input_format")
         return self
+
+    def check_batch_tokens(self, max_length: int | None = None) -> None:
+        """``max_batch_tokens`` is null or an integer that holds at least one pair of ``max_length`` tokens (the
+        argument, else the setting when known: the server checks again with the length it serves)."""
+        budget = self.max_batch_tokens
+        max_length = self.max_length if max_length is None else max_length
+        if budget is None:
+            return
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+            raise InputError(f"must be a positive integer (padded tokens per batch) or null, got {budget!r}",
+                             key="deploy.max_batch_tokens")
+        if max_length is not None and budget < int(max_length):
+            raise InputError(f"must be >= max_length={max_length} so that one pair of max_length tokens fits in a "
+                             f"batch, got {budget}", key="deploy.max_batch_tokens")
 
     def to_json(self) -> dict:
         return asdict(self)
