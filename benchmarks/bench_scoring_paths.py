@@ -89,6 +89,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=2, help="passes over all pairs (timings summed; scores of the last)")
     ap.add_argument("--cache-dir", default=str(ROOT / "output" / "bench" / "bm25"))
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--paths", default="all", help="comma-separated subset of the paths (torch_fp32_sdpa, the reference, always runs)")
     args = ap.parse_args()
 
     import numpy as np
@@ -152,6 +153,9 @@ def main():
             "onnx_fp32": (onnx.run_feeds, o_batches),
             "onnx_int8": (int8.run_feeds, o_batches),
         }
+        if args.paths != "all":
+            keep = set(args.paths.split(",")) | {"torch_fp32_sdpa"}
+            backends = {k: v for k, v in backends.items() if k in keep}
         secs = {name: 0.0 for name in backends}
         per_round = []
         for _ in range(args.rounds):
