@@ -31,6 +31,7 @@ for _warning in config_warnings(config):
 # Derived default: the embedding cache lives with the outputs unless placed elsewhere.
 config["retrieval"]["cache_dir"] = config["retrieval"]["cache_dir"] or f"{config['output_dir']}/cache/embeddings"
 config["eval"]["score_cache_dir"] = config["eval"]["score_cache_dir"] or f"{config['output_dir']}/cache/rerank_scores"
+config["eval"]["onnx_cache_dir"] = config["eval"]["onnx_cache_dir"] or f"{config['output_dir']}/cache/onnx_scoring"
 # Canonical key order: Snakemake compares params as serialized, so the order in which a user's YAML
 # files list keys must not trigger re-runs.
 config.update(canonical(config))

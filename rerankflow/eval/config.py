@@ -5,6 +5,7 @@ from __future__ import annotations
 from rerankflow.config import load_schema
 from rerankflow.errors import InputError
 from rerankflow.eval.metrics import check_k_values, metric_names
+from rerankflow.scoring.paths import check_scoring_path
 
 
 class EvalConfigError(InputError):
@@ -55,6 +56,9 @@ def check_eval_config(eval_cfg: dict) -> dict:
         raise EvalConfigError(f"must be >= 100, got {cfg['bootstrap_samples']!r}", key="eval.bootstrap_samples")
     if cfg["base_input_format"] not in ("template", "pair"):
         raise EvalConfigError(f"must be 'template' or 'pair', got {cfg['base_input_format']!r}", key="eval.base_input_format")
+    check_scoring_path(cfg["scoring_path"])
+    if not float(cfg["scoring_parity_max_abs_diff"]) >= 0.0:
+        raise EvalConfigError(f"must be >= 0, got {cfg['scoring_parity_max_abs_diff']!r}", key="eval.scoring_parity_max_abs_diff")
     if cfg["endpoint_truncate"] not in ("END", "NONE"):
         raise EvalConfigError(f"must be 'END' or 'NONE', got {cfg['endpoint_truncate']!r}", key="eval.endpoint_truncate")
     return cfg

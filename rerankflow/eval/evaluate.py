@@ -15,9 +15,11 @@
    fusion record) or given as ``eval.fusion_weight``, never chosen here, where the labels are test labels.
    Candidates beyond ``top_k`` keep their first-stage order below the reranked
    ones (BEIR's rerank protocol), so Recall@100 can be reported while only the top 30 are
-   rescored. Checkpoint scores go through :mod:`rerankflow.scoring.score_cache` when
-   ``eval.cache_scores`` is true: a pair already scored by the same weights and settings is
-   never scored again;
+   rescored. Each checkpoint is scored along ``eval.scoring_path`` (:mod:`rerankflow.scoring.paths`;
+   ``auto`` = the fastest path passing parity with fp32 on a sample of these candidate pairs,
+   :mod:`rerankflow.scoring.path_choice`), recorded in ``meta.scoring``. Checkpoint scores go through
+   :mod:`rerankflow.scoring.score_cache` when ``eval.cache_scores`` is true: a pair already scored by
+   the same weights, settings and scoring path is never scored again;
 4. metrics with ``pytrec_eval`` (:mod:`rerankflow.eval.metrics`), paired bootstrap CIs and paired
    significance tests of each system against the one before it (first_stage->base->finetuned->fused,
    among those evaluated) and of finetuned->endpoint, breakdown by ``query_type`` / ``reasoning_type``;
@@ -43,6 +45,7 @@ import logging
 import os
 import platform
 import shutil
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -57,7 +60,10 @@ from rerankflow.formatting import check_input_format, check_template
 from rerankflow.io import atomic_path, write_json
 from rerankflow.models import pick_device
 from rerankflow.retrieval.candidates import candidate_pairs
-from rerankflow.scoring.cross_encoder import CrossEncoderScorer
+from rerankflow.scoring.path_choice import (
+    ParityTolerance, choose_scoring_path, decision_key, load_decision, parity_sample, save_decision,
+)
+from rerankflow.scoring.paths import auto_candidates, check_scoring_path, load_path_scorer
 from rerankflow.scoring.endpoint import EndpointError, EndpointRanker, discover_endpoint_model
 from rerankflow.scoring.fusion import fuse_run, read_fusion_record
 from rerankflow.scoring.score_cache import ScoreCache, cached_score, scorer_identity
@@ -187,8 +193,10 @@ def evaluate(eval_data_dir, out_dir, *, eval_cfg: dict, retrieval_cfg: dict, rer
 
     # 3. rerankers
     paths = {"base": base_model, "finetuned": finetuned_checkpoint}
-    ev["checkpoint"] = _rerank_checkpoints(ev, data, cfg, checkpoints, paths, template=template,
-                                           max_length=max_length, device=device)
+    with tempfile.TemporaryDirectory(prefix="rerankflow_onnx_") as tmp_onnx:
+        onnx_dir = cfg["onnx_cache_dir"] or tmp_onnx  # null outside Snakemake: exports live for this run only
+        ev["checkpoint"] = _rerank_checkpoints(ev, data, cfg, checkpoints, paths, template=template,
+                                               max_length=max_length, device=device, seed=seed, onnx_dir=onnx_dir)
     _fuse(ev, cfg, checkpoints["finetuned"])
     if cfg["endpoint"]:
         _rerank_endpoint(ev, data, cfg)
@@ -208,50 +216,92 @@ def evaluate(eval_data_dir, out_dir, *, eval_cfg: dict, retrieval_cfg: dict, rer
 
 
 def _rerank_checkpoints(ev: dict, data: dict, cfg: dict, checkpoints: dict, paths: dict, *, template: str,
-                        max_length: int, device: str) -> dict | None:
-    """Score the candidates with the base and fine-tuned checkpoints (through the score cache); fills
-    ``ev`` runs/timings/models and returns the fine-tuned checkpoint's info."""
+                        max_length: int, device: str, seed: int, onnx_dir) -> dict | None:
+    """Score the candidates with the base and fine-tuned checkpoints along the chosen scoring path (through
+    the score cache); fills ``ev`` runs/timings/models/scoring and returns the fine-tuned checkpoint's info."""
     candidates = ev["candidates"]
     n_pairs = sum(len(d) for d in candidates.values())
     keys, pairs = candidate_pairs(candidates, data["queries"], data["corpus"])
+    groups = parity_sample(keys, candidates, n_pairs=int(cfg["scoring_parity_pairs"]), seed=seed)
+    sample_pairs = [pairs[i] for g in groups for i in g]
+    ev.setdefault("scoring", {})
     checkpoint_info = None
     for system, enabled in (("base", cfg["eval_base"]), ("finetuned", cfg["eval_finetuned"])):
         if not enabled:
             continue
         ckpt, fmt, path = checkpoints[system], ev["input_formats"][system], paths[system]
+        text = {"max_length": max_length, "template": template, "input_format": fmt}
+
+        def load(scoring_path, ckpt=ckpt, text=text):
+            return load_path_scorer(scoring_path, ckpt, device=device, batch_size=cfg["batch_size"],
+                                    onnx_cache_dir=onnx_dir, **text)
+
+        t0 = time.perf_counter()
+        scorer, record = _choose_path(cfg, ckpt, text, device, load, sample_pairs, groups, system)
+        choice_s = time.perf_counter() - t0
+        used = record["used"]
         cache = None
         if cfg["cache_scores"] and cfg["score_cache_dir"]:
-            ident = scorer_identity(ckpt, input_format=fmt, template=template, max_length=max_length, bf16=cfg["bf16"])
+            ident = scorer_identity(ckpt, input_format=fmt, template=template, max_length=max_length, scoring_path=used)
             cache = ScoreCache(cfg["score_cache_dir"], ident, {"checkpoint": str(ckpt), "input_format": fmt,
-                                                               "max_length": max_length, "bf16": bool(cfg["bf16"])})
-        t0 = time.perf_counter()
-        loaded = {}
+                                                               "max_length": max_length, "scoring_path": used})
+        loaded = {"scorer": scorer}
 
-        def make_scorer(ckpt=ckpt, fmt=fmt, loaded=loaded):
-            t = time.perf_counter()
-            loaded["scorer"] = CrossEncoderScorer(ckpt, max_length=max_length, template=template, device=device,
-                                                  bf16=cfg["bf16"], batch_size=cfg["batch_size"], input_format=fmt)
-            loaded["load_s"] = time.perf_counter() - t
+        def make_scorer(load=load, used=used, loaded=loaded):
+            if loaded["scorer"] is None:  # the path was decided before: load only it
+                t = time.perf_counter()
+                loaded["scorer"] = load(used)[0]
+                loaded["load_s"] = time.perf_counter() - t
             return loaded["scorer"]
 
+        t1 = time.perf_counter()
         scores, cache_info = cached_score(pairs, cache, make_scorer, sort_by_length=cfg["sort_by_length"], desc=system)
         t2 = time.perf_counter()
         reranked: dict[str, dict[str, float]] = {qid: {} for qid in candidates}
         for (qid, did), sc in zip(keys, scores):
             reranked[qid][did] = float(sc)
         ev["runs"][system] = with_first_stage_tail(reranked, ev["runs"]["first_stage"])
-        score_s = t2 - t0 - loaded.get("load_s", 0.0)
-        ev["timings"][system] = {"load_s": round(loaded.get("load_s", 0.0), 3), "score_s": round(score_s, 3),
-                                 "pairs": n_pairs, **cache_info,
+        load_s = loaded.get("load_s", 0.0)
+        score_s = t2 - t1 - load_s
+        ev["timings"][system] = {"load_s": round(load_s, 3), "choice_s": round(choice_s, 3), "score_s": round(score_s, 3),
+                                 "pairs": n_pairs, "scoring_path": used, **cache_info,
                                  "pairs_per_s": round(cache_info["scored_pairs"] / max(score_s, 1e-9), 2)
                                  if cache_info["scored_pairs"] else None}
+        ev["scoring"][system] = record
         ev["models"][system] = str(path)
         if system == "finetuned":
             checkpoint_info = {"requested": cfg["finetuned_checkpoint"], "path": str(path),
                                "resolved": os.path.realpath(ckpt) if isinstance(ckpt, Path) else ckpt}
         loaded.clear()
+        scorer = None
         gc.collect()
     return checkpoint_info
+
+
+def _choose_path(cfg: dict, ckpt, text: dict, device: str, load, sample_pairs, groups, system: str):
+    """``(scorer or None, record)``: the scoring path of one checkpoint (:mod:`rerankflow.scoring.path_choice`).
+
+    With the score cache on, a decision made before for the same checkpoint, settings, request,
+    tolerance and sample is reused (``scorer`` None: nothing loaded until a pair needs scoring)."""
+    requested = cfg["scoring_path"]
+    tolerance = ParityTolerance(float(cfg["scoring_parity_max_abs_diff"]))
+    candidates = auto_candidates(device) if requested == "auto" else []
+    store = cfg["score_cache_dir"] if cfg["cache_scores"] else None
+    key = None
+    if store:
+        key = decision_key(ckpt, settings=text, requested=requested, candidates=candidates, tolerance=tolerance,
+                           sample_pairs=sample_pairs, device=device)
+        record = load_decision(store, key)
+        if record is not None:
+            log.info("%s: scoring path %s (decided before, %s)", system, record["used"], "fell back to fp32"
+                     if record.get("fallback") else "parity passed" if record.get("tried") else "as configured")
+            return None, {**record, "decision": "reused"}
+    scorer, record = choose_scoring_path(requested, load=load, candidates=candidates, sample_pairs=sample_pairs,
+                                         groups=groups, tolerance=tolerance, name=system)
+    if store:
+        save_decision(store, key, record)
+    log.info("%s: scoring along %s%s", system, record["used"], " (fell back to fp32)" if record["fallback"] else "")
+    return scorer, {**record, "decision": "made now"}
 
 
 def _fuse(ev: dict, cfg: dict, finetuned_dir) -> None:
@@ -360,6 +410,7 @@ def _meta(ev: dict, data: dict, cfg: dict, *, seed: int, template: str, max_leng
         "prompt_template": template,
         "input_formats": ev["input_formats"],
         "reranker_max_length": max_length,
+        "scoring": ev.get("scoring", {}),
         "device": device,
         "timings": {**ev["timings"], "total_s": round(total_s, 3)},
         "versions": _versions(),

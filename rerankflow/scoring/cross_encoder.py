@@ -42,7 +42,9 @@ class CrossEncoderScorer:
     def __init__(self, model_path, *, max_length: int, template: str, device: str, bf16: bool, batch_size: int,
                  input_format: str, threads: int | None = None):
         """Load ``model_path`` (a Hugging Face folder or hub id) onto ``device`` (``auto`` picks cuda when
-        visible). ``bf16`` autocast applies on CUDA only; ``threads`` sets torch's CPU threads when given."""
+        visible). ``bf16`` scores under bf16 autocast on the device's type, CPU included (the scoring path
+        ``torch_bf16``, :mod:`rerankflow.scoring.paths`); ``threads`` sets torch's CPU threads when given.
+        Attention is transformers' default for the architecture (``sdpa`` for BERT), see :attr:`attention`."""
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -52,10 +54,7 @@ class CrossEncoderScorer:
         model = AutoModelForSequenceClassification.from_pretrained(str(model_path))
         model.to(device).eval()
         self._setup(model, AutoTokenizer.from_pretrained(str(model_path)), name=str(model_path), max_length=max_length,
-                    template=template, device=device, bf16=bool(bf16) and device.startswith("cuda"),
-                    batch_size=batch_size, input_format=input_format)
-        if bf16 and not self.bf16:
-            log.info("bf16 requested but device is %s: scoring in fp32", self.device)
+                    template=template, device=device, bf16=bool(bf16), batch_size=batch_size, input_format=input_format)
 
     @classmethod
     def from_model(cls, model, tokenizer, *, max_length: int, template: str, device, bf16: bool, batch_size: int,
@@ -81,6 +80,7 @@ class CrossEncoderScorer:
         self.device = device
         self.bf16 = bf16
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.attention = getattr(model.config, "_attn_implementation", None)
         self.num_labels = int(model.config.num_labels)
         if self.num_labels not in (1, 2):
             raise ValueError(f"{self.model_path}: a reranker needs 1 (or 2) output labels, this checkpoint has {self.num_labels}")

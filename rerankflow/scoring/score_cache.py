@@ -9,7 +9,9 @@ the pairs it has never seen.
 * The **identity** of a scorer (:func:`scorer_identity`) is the sha256 of the checkpoint's files
   that decide its outputs (weights, ``config.json``, tokenizer files; not optimizer or trainer
   state) plus every setting that changes a logit: input format, prompt template (template format
-  only), max length and bf16. A changed checkpoint or setting therefore never reuses a score.
+  only), max length and the **scoring path** that computed it (``torch_fp32``, ``torch_bf16``, ``onnx``:
+  :mod:`rerankflow.scoring.paths`), so bf16 or ONNX scores never replay as fp32 ones. A changed
+  checkpoint or setting therefore never reuses a score.
 * A **pair** is keyed by the sha256 of its query and passage texts, so a different corpus
   version, query set or candidate list reuses exactly the pairs that are unchanged.
 * Files are written atomically (temp file + rename); two evaluations writing the same file at
@@ -41,12 +43,16 @@ def _hash_file(h, path: Path) -> None:
             h.update(block)
 
 
-def scorer_identity(checkpoint, *, input_format: str, template: str, max_length: int, bf16: bool) -> str:
-    """Hex digest naming what a scorer computes: checkpoint content + scoring settings.
+def checkpoint_digest(checkpoint) -> str:
+    """Hex sha256 of what a checkpoint computes: the content of its model files (see module docstring).
 
-    ``checkpoint`` is a local Hugging Face folder; a hub id (no local folder) is identified by
-    its name only, which is as stable as the hub revision the local cache holds.
+    ``checkpoint`` is a local Hugging Face folder; a hub id (no local folder) is identified by its
+    name only, which is as stable as the hub revision the local cache holds.
     """
+    return _checkpoint_hash(checkpoint).hexdigest()
+
+
+def _checkpoint_hash(checkpoint):
     h = hashlib.sha256()
     root = Path(checkpoint)
     if root.is_dir():
@@ -59,8 +65,21 @@ def scorer_identity(checkpoint, *, input_format: str, template: str, max_length:
             _hash_file(h, p)
     else:
         h.update(b"hub:" + str(checkpoint).encode())
+    return h
+
+
+def scorer_identity(checkpoint, *, input_format: str, template: str, max_length: int, scoring_path: str) -> str:
+    """Hex digest naming what a scorer computes: checkpoint content (:func:`checkpoint_digest`) + scoring
+    settings, the concrete ``scoring_path`` included (never ``auto``: key on the path that scored)."""
+    if scoring_path == "auto":
+        raise ValueError("key the score cache on the scoring path actually used, not 'auto'")
+    h = _checkpoint_hash(checkpoint)
     settings = {"input_format": input_format, "template": template if input_format == "template" else None,
-                "max_length": int(max_length), "bf16": bool(bf16)}
+                "max_length": int(max_length)}
+    if scoring_path == "torch_fp32":
+        settings["bf16"] = False  # the key fp32 scores had before scoring paths existed: their caches stay valid
+    else:
+        settings["scoring_path"] = str(scoring_path)
     h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()
 

@@ -42,7 +42,8 @@ QUESTIONS = {
 }
 
 CONFIG = load_config()
-EVAL_CFG = {**CONFIG["eval"], "top_k": 10, "k_values": [1, 5, 10], "batch_size": 4, "bootstrap_samples": 500, "eval_base": True,
+# Scores are compared with fp32 scoring to the last digits: the fp32 path (auto may pick bf16, see test_scoring_path.py).
+EVAL_CFG = {**CONFIG["eval"], "scoring_path": "torch_fp32", "top_k": 10, "k_values": [1, 5, 10], "batch_size": 4, "bootstrap_samples": 500, "eval_base": True,
             "eval_finetuned": True}
 RERANKER_CFG = {**CONFIG["reranker"], "prompt_template": "question:{query} \n \n passage:{passage}", "max_length": 64}
 
