@@ -9,7 +9,7 @@ every path alike and the ratios stay meaningful):
 * ``torch_fp32_sdpa``   — ``attn_implementation="sdpa"``, fp32 (transformers 5's default for BERT:
   today's ``CrossEncoderScorer``; the **reference** of every diff);
 * ``torch_bf16_sdpa``   — the same model under ``torch.autocast("cpu", torch.bfloat16)``;
-* ``onnx_fp32``         — the stage 4 export (:func:`rerankflow.export.onnx_export.export_onnx`) on
+* ``onnx_fp32``         — the stage 4 export (:func:`rerankflow.scoring.onnx_graph.export_onnx`) on
   ONNX Runtime's CPU provider, session from :mod:`rerankflow.scoring.onnx_session`;
 * ``onnx_int8``         — that export dynamically quantized (:func:`rerankflow.export.quantize.quantize_int8`).
 

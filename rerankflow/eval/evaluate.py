@@ -63,7 +63,7 @@ from rerankflow.retrieval.candidates import candidate_pairs
 from rerankflow.scoring.path_choice import (
     ParityTolerance, choose_scoring_path, decision_key, load_decision, parity_sample, save_decision,
 )
-from rerankflow.scoring.paths import auto_candidates, check_scoring_path, load_path_scorer
+from rerankflow.scoring.paths import auto_candidates, load_path_scorer
 from rerankflow.scoring.endpoint import EndpointError, EndpointRanker, discover_endpoint_model
 from rerankflow.scoring.fusion import fuse_run, read_fusion_record
 from rerankflow.scoring.score_cache import ScoreCache, cached_score, scorer_identity

@@ -24,7 +24,7 @@ import numpy as np
 
 from rerankflow.eval.metrics import evaluate_run
 from rerankflow.export.candidates import QueryGroup
-from rerankflow.export.torch_model import MODEL_INPUTS, load_torch_reranker, torch_runner, uses_token_type_ids
+from rerankflow.scoring.torch_model import MODEL_INPUTS, load_torch_reranker, torch_runner, uses_token_type_ids
 from rerankflow.formatting import tokenize_pairs
 from rerankflow.scoring.onnx_scorer import OnnxScorer
 

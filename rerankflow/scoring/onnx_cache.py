@@ -2,7 +2,7 @@
 
 Stage 3's ``onnx`` scoring path (:mod:`rerankflow.scoring.paths`) scores a checkpoint with ONNX
 Runtime. The model it runs is the stage 4 export of that checkpoint
-(:func:`rerankflow.export.onnx_export.export_onnx`: fp32, TorchScript exporter, the tokenizer and the
+(:func:`rerankflow.scoring.onnx_graph.export_onnx`: fp32, TorchScript exporter, the tokenizer and the
 export record beside it), written to ``<cache_dir>/<key>/`` where ``key`` names
 
 * the checkpoint's content (:func:`rerankflow.scoring.score_cache.checkpoint_digest`: weights,
@@ -55,7 +55,7 @@ def cached_onnx_export(checkpoint, cache_dir, *, input_format: str, template: st
 
     ``info``: ``{"dir", "key", "cached", "export_s"}`` (``export_s`` 0 when cached).
     """
-    from rerankflow.export.onnx_export import export_onnx
+    from rerankflow.scoring.onnx_graph import export_onnx
 
     settings = export_defaults()
     key = export_key(checkpoint, input_format=input_format, template=template, max_length=max_length,

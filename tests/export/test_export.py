@@ -20,7 +20,7 @@ from rerankflow.config import load_config  # noqa: E402
 from rerankflow.export.candidates import load_eval_groups  # noqa: E402
 from rerankflow.export.onnx_export import export_onnx, run_export  # noqa: E402
 from rerankflow.export.parity import ParityError, check_parity, measure  # noqa: E402
-from rerankflow.export.torch_model import checkpoint_model_dir, load_torch_reranker  # noqa: E402
+from rerankflow.scoring.torch_model import checkpoint_model_dir, load_torch_reranker  # noqa: E402
 from rerankflow.scoring.onnx_session import make_session  # noqa: E402
 from rerankflow.testing import tiny_bert  # noqa: E402
 
