@@ -67,7 +67,7 @@ WORDS_MIN, WORDS_MAX = 20, 80
 TOP_K = 100
 SEARCH_BLOCK = 4096       # retrieval.search_block_size's default
 HNSW_M, HNSW_EF = 32, 256  # eval.hnsw_m / eval.hnsw_ef_search defaults
-MINING = {"num_negatives": 8, "margin": 0.95, "depth": 100}  # prep defaults
+MINING = {"num_negatives": 8, "margin": 0.95, "depth": 100, "skip": 0, "keep_all": False}  # prep defaults (no rank range, no teacher pool)
 
 
 # ---------------------------------------------------------------------------------------------- generator
