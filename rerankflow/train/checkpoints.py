@@ -117,7 +117,8 @@ def finish(ckpt_dir, out_dir, state, records, data, pairs_done, t_train) -> dict
                "best": best, "latest": final_name, "best_val_ndcg@10": state["best_metric"],
                "last_val": state["last_val"], "base_val": state.get("base_val"),
                "best_fusion": _best_fusion(ckpt_dir / best), "stopped_early": state["stopped_early"],
-               "pairs_per_s": round(pairs_done / t_train, 3) if t_train > 0 else None, "hash": state["hash"]}
+               "pairs_per_s": round(pairs_done / t_train, 3) if t_train > 0 else None, "hash": state["hash"],
+               "setup": state.get("setup")}
     if not records or records[-1].get("event") != "end":
         records.append({"event": "end", **summary, "time": time.time()})
     write_jsonl(out_dir / "training_log.jsonl", records)

@@ -81,11 +81,47 @@ def _load_model(path: str):
     if getattr(conf, "num_labels", 1) != 1:
         kwargs = {"num_labels": 1, "ignore_mismatched_sizes": True}
         log.warning("base model has num_labels=%s; training a fresh 1-logit head", conf.num_labels)
-    model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    try:  # PyTorch's fused attention where the architecture has it (transformers 5 defaults to it already)
+        model = AutoModelForSequenceClassification.from_pretrained(path, attn_implementation="sdpa", **kwargs)
+    except (ValueError, ImportError) as e:
+        log.warning("%s: no SDPA attention (%s); training with the model's default attention",
+                    type(conf).__name__, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
         model.config.pad_token_id = tok.pad_token_id
     return model, tok
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """``finetune.gradient_checkpointing``: recompute each layer's activations in the backward pass
+    (non-reentrant checkpointing: works with DDP, frozen inputs and ``torch.no_grad`` validation)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise InputError(f"{type(model).__name__} does not support gradient checkpointing",
+                         key="finetune.gradient_checkpointing")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name warns)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def train_setup(model, use_bf16: bool) -> dict:
+    """How the steps run, for the log and the summary: attention implementation (and the attention dropout
+    that decides PyTorch's CPU SDPA kernel: its fused kernel has no dropout, so training with dropout > 0
+    runs SDPA's math kernel), bf16 autocast, gradient checkpointing."""
+    conf = model.config
+    return {"attn_implementation": getattr(conf, "_attn_implementation", None),
+            "attention_dropout": getattr(conf, "attention_probs_dropout_prob", getattr(conf, "attention_dropout", None)),
+            "bf16": use_bf16, "gradient_checkpointing": gradient_checkpointing_on(model)}
+
+
+def gradient_checkpointing_on(model) -> bool:
+    """Whether ``model`` recomputes activations in backward (transformers 5 renamed the flag)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name) or hasattr(model, name):
+            return bool(getattr(model, name))
+    return False
 
 
 class Training:
@@ -113,6 +149,8 @@ class Training:
         self.listwise = ft["loss"] == "listwise"
         self.model, self.tok = _load_model(self.spec["base_model"])
         self.warnings: list[str] = []
+        if ft["gradient_checkpointing"]:
+            enable_gradient_checkpointing(self.model)
         self._plan_batches()
         self._build_optimizer()
         self.records: list[dict] = []
@@ -222,7 +260,7 @@ class Training:
             else:
                 seed_all(self.seed + 1000 * state["step"] + D.rank)
             self.records.append({"event": "resume", "from_step": state["step"], "checkpoint": resume_from,
-                                 "time": time.time()})
+                                 **train_setup(self.model, self.use_bf16), "time": time.time()})
             if D.main:
                 log.info("resuming from %s (step %d of %d)", resume_from, state["step"], self.total)
         else:
@@ -230,9 +268,11 @@ class Training:
                                  "steps_per_epoch": self.spe, "global_batch_size": self.gb,
                                  "local_batch_size": self.local_bs, "grad_accum": self.accum, "world_size": D.world,
                                  "train_examples": len(self.data.examples), "val_queries": len(self.data.val),
-                                 "val_source": self.data.val_source, "bf16": self.use_bf16,
+                                 "val_source": self.data.val_source, **train_setup(self.model, self.use_bf16),
                                  "warnings": self.warnings, "time": time.time()})
+        state["setup"] = train_setup(self.model, self.use_bf16)  # this process's, also after a resume
         if D.main:
+            log.info("training with %s", state["setup"])
             write_jsonl(self.live_log, self.records)
             self.live_fh = open(self.live_log, "a", encoding="utf-8")
 

@@ -27,8 +27,10 @@ SMALL_DATA_MIN_STEPS = 20       # ... so that an epoch still has this many optim
 
 # Resources of the Snakemake rule (resources/threads, not settings of the training itself).
 RESOURCE_KEYS = {"gpus", "threads", "mem_mb", "runtime"}
-# keys that do not change the trained weights: excluded from the resume hash
-_BOOKKEEPING = RESOURCE_KEYS | {"nproc", "num_workers", "checkpoint_every_steps", "keep_checkpoints", "val_batch_size"}
+# keys that do not change the trained weights: excluded from the resume hash (gradient_checkpointing
+# recomputes the same activations: same gradients, tested in tests/train/test_train_precision.py)
+_BOOKKEEPING = RESOURCE_KEYS | {"nproc", "num_workers", "checkpoint_every_steps", "keep_checkpoints", "val_batch_size",
+                                "gradient_checkpointing"}
 
 
 def finetune_keys() -> set[str]:
