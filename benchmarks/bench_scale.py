@@ -228,13 +228,19 @@ def precomputed_retriever(passage_emb: np.ndarray, query_emb: np.ndarray, index:
                                 hnsw_m=HNSW_M, hnsw_ef_search=HNSW_EF)
 
 
-def run_flat(n: int, n_queries: int, seed: int) -> dict:
-    """Exact search (``Retriever.search``, index flat): no index to build, the corpus walked in blocks."""
+def _dense_inputs(n: int, n_queries: int, seed: int):
+    """``(passage embeddings, query targets, query embeddings, RSS MB once they are built and FAISS is warm)``:
+    the inputs every dense measurement starts from, so its time and memory exclude them."""
     emb = passage_embeddings(n, seed)
     targets = query_targets(n, n_queries, seed)
     q = query_embeddings(emb, targets, seed)
     _warm_faiss()
-    data_mb = _peak_rss_mb()
+    return emb, targets, q, _peak_rss_mb()
+
+
+def run_flat(n: int, n_queries: int, seed: int) -> dict:
+    """Exact search (``Retriever.search``, index flat): no index to build, the corpus walked in blocks."""
+    emb, targets, q, data_mb = _dense_inputs(n, n_queries, seed)
     t0 = time.perf_counter()
     scores, idx = precomputed_retriever(emb, q).search(q, emb, TOP_K)
     t1 = time.perf_counter()
@@ -247,11 +253,7 @@ def run_hnsw(n: int, n_queries: int, seed: int) -> dict:
     from rerankflow.retrieval.embedding import search
     from rerankflow.retrieval.retriever import build_hnsw_index
 
-    emb = passage_embeddings(n, seed)
-    targets = query_targets(n, n_queries, seed)
-    q = query_embeddings(emb, targets, seed)
-    _warm_faiss()
-    data_mb = _peak_rss_mb()
+    emb, targets, q, data_mb = _dense_inputs(n, n_queries, seed)
     t0 = time.perf_counter()
     index = build_hnsw_index(emb, HNSW_M)
     t1 = time.perf_counter()
@@ -289,12 +291,8 @@ def run_mining(n: int, n_queries: int, seed: int) -> dict:
     """``mine_hard_negatives`` (prep defaults: 8 negatives, margin 0.95, depth 100) on precomputed vectors."""
     from rerankflow.prep.mining import mine_hard_negatives
 
-    emb = passage_embeddings(n, seed)
-    targets = query_targets(n, n_queries, seed)
-    q = query_embeddings(emb, targets, seed)
-    ids = [f"d{i}" for i in range(n)]
-    _warm_faiss()
-    data_mb = _peak_rss_mb()
+    ids = [f"d{i}" for i in range(n)]  # before the inputs' RSS is read, as part of them
+    emb, targets, q, data_mb = _dense_inputs(n, n_queries, seed)
     t0 = time.perf_counter()
     # texts are not read: the precomputed retriever's embed methods ignore them
     res = mine_hard_negatives([""] * n_queries, [[int(t)] for t in targets], ids, ids, [lambda p: True] * n_queries,
