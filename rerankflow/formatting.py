@@ -29,7 +29,10 @@ from typing import Sequence
 
 DEFAULT_PROMPT_TEMPLATE = "question:{query} \n \n passage:{passage}"
 INPUT_FORMATS = ("template", "pair")
-DEFAULT_INPUT_FORMAT = "template"
+# What a record (a run spec, a checkpoint's rerankflow.json, an export record) written before
+# reranker.input_format existed means: every such model was trained and exported in ``template``.
+# It is not the configured default (config/schema.yaml, reranker.input_format), which is ``pair``.
+UNRECORDED_INPUT_FORMAT = "template"
 
 
 def check_template(template: str) -> str:
@@ -61,7 +64,7 @@ def format_pair(query: str, passage: str, template: str = DEFAULT_PROMPT_TEMPLAT
     return template.format(query=query, passage=passage)
 
 
-def tokenizer_input(query: str, passage: str, *, input_format: str = DEFAULT_INPUT_FORMAT,
+def tokenizer_input(query: str, passage: str, *, input_format: str,
                     template: str = DEFAULT_PROMPT_TEMPLATE) -> str | tuple[str, str]:
     """What a ``tokenizers.Tokenizer`` encodes for one pair: the formatted text (``template``) or the
     ``(query, passage)`` sequence pair (``pair``), which its post-processor turns into

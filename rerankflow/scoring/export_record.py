@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 from rerankflow.errors import InputError
-from rerankflow.formatting import DEFAULT_INPUT_FORMAT, check_input_format, check_template
+from rerankflow.formatting import UNRECORDED_INPUT_FORMAT, check_input_format, check_template
 
 EXPORT_INFO = "rerankflow_export.json"
 
@@ -38,7 +38,7 @@ def read_export_info(model_file: str | os.PathLike) -> dict:
 
 def _recorded_format(info: dict) -> str | None:
     """The record's input format (``template`` for a record older than the setting), None without a record."""
-    return (info.get("input_format") or DEFAULT_INPUT_FORMAT) if info else None
+    return (info.get("input_format") or UNRECORDED_INPUT_FORMAT) if info else None
 
 
 def _first_given(given, recorded, key: str):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from rerankflow.errors import InputError
-from rerankflow.formatting import DEFAULT_INPUT_FORMAT
+from rerankflow.formatting import UNRECORDED_INPUT_FORMAT
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -43,7 +43,7 @@ def check_checkpoint_input_format(model_dir, input_format: str) -> None:
     if not record.is_file():
         return
     try:
-        trained = json.loads(record.read_text(encoding="utf-8")).get("input_format") or DEFAULT_INPUT_FORMAT
+        trained = json.loads(record.read_text(encoding="utf-8")).get("input_format") or UNRECORDED_INPUT_FORMAT
     except (OSError, ValueError, AttributeError) as exc:
         raise InputError(f"unreadable checkpoint record: {exc}", path=record) from None
     if trained != input_format:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from rerankflow.config import load_schema
 from rerankflow.errors import InputError
-from rerankflow.formatting import DEFAULT_INPUT_FORMAT, check_input_format, check_template
+from rerankflow.formatting import UNRECORDED_INPUT_FORMAT, check_input_format, check_template
 from rerankflow.io import sha256_file
 
 SMALL_DATA_EXAMPLES = 2000      # NVIDIA's recipe auto-scales the batch below this many examples
@@ -93,7 +93,7 @@ def _model_fingerprint(path: str) -> dict:
 
 def spec_input_format(spec: dict) -> str:
     """The ``reranker.input_format`` of a run spec; specs written before the setting existed mean ``template``."""
-    return spec.get("input_format") or DEFAULT_INPUT_FORMAT
+    return spec.get("input_format") or UNRECORDED_INPUT_FORMAT
 
 
 def run_hash(spec: dict) -> str:
@@ -105,7 +105,7 @@ def run_hash(spec: dict) -> str:
     """
     cfg = {k: v for k, v in spec["finetune"].items() if k not in _BOOKKEEPING}
     reranker = {"prompt_template": spec["prompt_template"], "max_length": int(spec["max_length"])}
-    if spec_input_format(spec) != DEFAULT_INPUT_FORMAT:
+    if spec_input_format(spec) != UNRECORDED_INPUT_FORMAT:
         reranker["input_format"] = spec_input_format(spec)
     payload = {
         "finetune": cfg,

