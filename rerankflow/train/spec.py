@@ -104,6 +104,8 @@ def run_hash(spec: dict) -> str:
     pair-format checkpoint or the other way round.
     """
     cfg = {k: v for k, v in spec["finetune"].items() if k not in _BOOKKEEPING}
+    if cfg.get("attention_dropout") is None:  # the model's own: hashed as before the key existed, so old runs resume
+        cfg.pop("attention_dropout", None)
     reranker = {"prompt_template": spec["prompt_template"], "max_length": int(spec["max_length"])}
     if spec_input_format(spec) != UNRECORDED_INPUT_FORMAT:
         reranker["input_format"] = spec_input_format(spec)

@@ -15,7 +15,9 @@ from _finetune_data import write_dataset  # noqa: E402
 from rerankflow.config import load_config  # noqa: E402
 from rerankflow.testing import tiny_bert  # noqa: E402
 from rerankflow.train.finetune import run_finetune  # noqa: E402
-from rerankflow.train.loop import enable_gradient_checkpointing, gradient_checkpointing_on, train_setup  # noqa: E402
+from rerankflow.train.loop import (  # noqa: E402
+    enable_gradient_checkpointing, gradient_checkpointing_on, resolve_bf16, train_setup,
+)
 from rerankflow.train.spec import make_spec, run_hash  # noqa: E402
 
 STEPS = 30
@@ -104,3 +106,29 @@ def test_training_records_attention_implementation(fp32):
     _, start, summary = fp32
     assert start["attn_implementation"] == "sdpa" == summary["setup"]["attn_implementation"]
     assert start["attention_dropout"] == summary["setup"]["attention_dropout"]
+
+
+def test_auto_precision_is_bf16_exactly_on_a_cpu_with_native_bf16(monkeypatch):
+    """auto follows the CPU's flags (AVX-512 BF16 / AMX: bf16; otherwise fp32); bf16 and fp32 are what they say."""
+    import rerankflow.train.loop as loop
+
+    for native in (True, False):
+        monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda native=native: native)
+        assert resolve_bf16("auto", "cpu") is native
+        assert resolve_bf16("bf16", "cpu") is True and resolve_bf16("fp32", "cpu") is False
+
+
+def test_attention_dropout_reaches_the_model_and_the_hash(data, fp32):
+    """finetune.attention_dropout: 0 trains without dropout on the attention probabilities (recorded in the
+    setup), changes the losses of the same seed and batches, and is part of the resume hash; null keeps the
+    model's own dropout and the hash of runs written before the key existed."""
+    loss32, start32, _ = fp32
+    loss0, start0, summary = _train(data, "ad0", precision="fp32", attention_dropout=0.0)
+    assert start32["attention_dropout"] > 0 and start0["attention_dropout"] == 0.0
+    assert summary["setup"]["attention_dropout"] == 0.0
+    assert not np.array_equal(loss0, loss32)
+    root, train, val, base = data
+    specs = {ad: make_spec(train, val, str(base), root / "h2", {**FT, "attention_dropout": ad}, RERANKER, seed=5,
+                           device="cpu", threads=1) for ad in (None, 0.0)}
+    old = dict(specs[None], finetune={k: v for k, v in specs[None]["finetune"].items() if k != "attention_dropout"})
+    assert run_hash(specs[None]) == run_hash(old) != run_hash(specs[0.0])
