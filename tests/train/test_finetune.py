@@ -24,7 +24,8 @@ TOTAL = 40
 CONFIG = load_config()
 FT = {**CONFIG["finetune"], "num_epochs": 1, "max_steps": TOTAL, "learning_rate": 5e-3, "global_batch_size": 8, "local_batch_size": 4,
       "train_n_passages": 5, "val_every_steps": 10, "checkpoint_every_steps": 20, "val_queries": 8,
-      "small_data_autoscale": False, "warmup_ratio": 0.1}
+      "small_data_autoscale": False, "warmup_ratio": 0.1,
+      "precision": "fp32"}  # exact fp32 arithmetic on every CPU (auto = bf16 where native); precision: test_train_precision
 RERANKER = {**CONFIG["reranker"], "prompt_template": "question:{query} \n \n passage:{passage}", "max_length": 96,
             "input_format": "template"}  # NVIDIA's format; pair runs are tested by name
 
