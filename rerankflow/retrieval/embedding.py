@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from rerankflow.formatting import Prefixes
-from rerankflow.io import atomic_path, write_json
+from rerankflow.io import atomic_path, sha256_file, write_json
 from rerankflow.models import load_embedder, pick_device, resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -48,12 +48,8 @@ def _content_digest(path: str, stamp: tuple) -> str:
     """sha256 over the relative name and bytes of every model file under ``path`` (``stamp``: the files'
     names, sizes and mtimes, so an edited folder is hashed again within one process)."""
     h = hashlib.sha256()
-    root = Path(path)
     for rel, _, _ in stamp:
-        h.update(rel.encode() + b"\0")
-        with open(root / rel, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                h.update(block)
+        h.update(rel.encode() + b"\0" + sha256_file(Path(path) / rel).encode())
     return h.hexdigest()
 
 
