@@ -1,5 +1,5 @@
-"""config/scifact.yaml (A, supervised) and config/scifact_sdg.yaml (B, unsupervised): what they plan and
-how benchmarks/bench_scifact.py reports. The data paths are pointed at a tiny BEIR folder, so these
+"""config/scifact.yaml (A, supervised), config/scifact_sdg.yaml (B, unsupervised) and config/arguana.yaml (ArguAna,
+unsupervised): what they plan and how benchmarks/bench_scifact.py reports. The data paths are pointed at a tiny BEIR folder, so these
 tests need nothing outside the repository; the real benchmark lives in benchmarks/bench_scifact.py."""
 
 import importlib.util
@@ -40,7 +40,7 @@ def _with_data(tmp_path, files, data):
     """The repo's config files, with every SciFact path pointed at ``data`` (written beside the workdir)."""
     out = []
     for f in files:
-        text = (REPO / f).read_text().replace("../shared/data/scifact", str(data))
+        text = (REPO / f).read_text().replace("../shared/data/scifact", str(data)).replace("../shared/data/arguana", str(data))
         path = tmp_path / f.replace("/", "_")
         path.write_text(text)
         out.append(str(path))
@@ -69,6 +69,26 @@ def test_unsupervised_config_generates_from_the_corpus_only(tmp_path, tiny_beir)
     assert merged["sdg"]["backend"] == "offline" and merged["eval"]["eval_data_path"] == "../shared/data/scifact"
     assert merged["output_dir"] != yaml.safe_load((REPO / "config/scifact.yaml").read_text())["output_dir"]
     plan = _dry_run(tmp_path, "output/scifact/unsupervised/stage3_eval/eval_results.json", files)
+    assert plan == {"sdg": 1, "prep": 1, "import_base_model": 1, "import_bge": 1, "finetune": 1, "evaluate": 1}
+
+
+def test_arguana_config_is_unsupervised_on_its_own_corpus(tmp_path, tiny_beir):
+    """ArguAna has no train labels: stage 0 generates from its corpus, stage 3 evaluates the human test queries
+    with BEIR's ignore_identical_ids (its queries are corpus documents), with SciFact B's training settings."""
+    from rerankflow.config import load_config
+
+    cfg = load_config(yaml.safe_load((REPO / "config/arguana.yaml").read_text()))
+    b = _bench().merged_config(["config/scifact.yaml", "config/scifact_sdg.yaml"])
+    assert cfg["prep"]["input_beir"] is None and cfg["corpus"]["dir"] == "../shared/data/arguana/corpus.jsonl"
+    assert cfg["eval"]["eval_data_path"] == "../shared/data/arguana" and cfg["eval"]["ignore_identical_ids"] is True
+    assert cfg["sdg"]["backend"] == "offline"
+    for section, keys in {"finetune": ("max_steps", "learning_rate", "train_n_passages", "attention_dropout"),
+                          "retrieval": ("model", "first_stage", "hybrid"), "reranker": ("input_format", "max_length"),
+                          "eval": ("top_k", "first_stage_depth")}.items():
+        for key in keys:
+            assert cfg[section][key] == b[section][key], f"{section}.{key} differs from SciFact B"
+    plan = _dry_run(tmp_path, "output/arguana/unsupervised/stage3_eval/eval_results.json",
+                    _with_data(tmp_path, ["config/arguana.yaml"], tiny_beir))
     assert plan == {"sdg": 1, "prep": 1, "import_base_model": 1, "import_bge": 1, "finetune": 1, "evaluate": 1}
 
 
