@@ -49,6 +49,25 @@ def pick_device(requested: str = "auto") -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls natively (AVX-512 BF16 or AMX-BF16, ``/proc/cpuinfo`` flags)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def bf16_is_native(device: str) -> bool:
+    """Whether bf16 autocast is fast on ``device``: a CUDA GPU that supports bf16, or a CPU with native bf16
+    (without it, CPU autocast emulates bf16 and is slower than fp32)."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        return bool(torch.cuda.is_bf16_supported())
+    return cpu_has_native_bf16()
+
+
 def load_embedder(name: str, max_length: int, device: str):
     """Load a sentence-transformers bi-encoder with ``max_seq_length`` set."""
     from sentence_transformers import SentenceTransformer

@@ -153,7 +153,7 @@ def bge_model_dir():
 
 
 # retrieval keys only the first-stage choice reads (eval, export) and only rule import_bge reads
-FIRST_STAGE_KEYS = ("first_stage", "bm25", "hybrid", "run_file")
+FIRST_STAGE_KEYS = ("first_stage", "bm25", "hybrid", "run_file", "precision", "bf16_min_cosine")  # not read by stage 0's dedup
 BGE_IMPORT_KEYS = ("bge_check_texts", "bge_min_cosine")
 
 

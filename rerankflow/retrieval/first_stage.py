@@ -125,7 +125,8 @@ class FirstStage:
         if self.retriever is not None:
             r = self.retriever
             out["dense"] = {"model": r.model_name, "query_prefix": r.prefixes.query_prefix,
-                            "passage_prefix": r.prefixes.passage_prefix, "max_length": r.max_length, "index": r.index}
+                            "passage_prefix": r.prefixes.passage_prefix, "max_length": r.max_length, "index": r.index,
+                            "precision": "bf16" if r.bf16 else "fp32"}
         if self.bm25 is not None:
             out["bm25"] = {"k1": self.bm25.k1, "b": self.bm25.b, "stemmer": self.bm25.stemmer,
                            "stopwords": self.bm25.stopwords}

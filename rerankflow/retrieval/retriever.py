@@ -8,8 +8,11 @@ the embedding cache and the index can never differ between them (NVIDIA's recipe
 * Texts: queries get the query prefix, passages the passage prefix
   (:class:`rerankflow.formatting.Prefixes`); BEIR documents are ``passage_text(doc)`` (title + " " + text).
 * Passage embeddings go through :func:`rerankflow.retrieval.embedding.embed_corpus`: cached under a key
-  of (model, prefixes, max length, corpus hash), so a changed corpus, model or prefix never reuses
-  stale vectors and an unchanged one is embedded once.
+  of (model, prefixes, max length, corpus hash, bf16 or not), so a changed corpus, model or prefix never
+  reuses stale vectors and an unchanged one is embedded once.
+* ``precision`` (``retrieval.precision``): ``auto`` embeds queries and passages under bf16 autocast where
+  bf16 is native (:func:`rerankflow.retrieval.embedding.resolve_embed_precision`), after a parity check of
+  passages against fp32 (``bf16_min_cosine``); ``None`` or ``fp32`` embed at fp32.
 * ``index="flat"``: exact inner product (cosine: the vectors are normalised) with FAISS, the corpus
   walked in blocks (:func:`rerankflow.retrieval.embedding.search`). ``index="hnsw"``: approximate search
   with ``faiss.IndexHNSWFlat`` for corpora too large for exact search; recall depends on ``hnsw_m`` /
@@ -28,7 +31,7 @@ import numpy as np
 from rerankflow.beir import passage_text
 from rerankflow.formatting import Prefixes
 from rerankflow.models import load_embedder
-from rerankflow.retrieval.embedding import embed_corpus, embed_queries, search
+from rerankflow.retrieval.embedding import embed_corpus, embed_queries, resolve_embed_precision, search
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +86,12 @@ class Retriever:
     index: str
     hnsw_m: int | None = None
     hnsw_ef_search: int | None = None
+    precision: str | None = None           # retrieval.precision (auto, fp32, bf16); None = fp32
+    bf16_min_cosine: float | None = None   # retrieval.bf16_min_cosine: the bf16 parity bound
     model: object = field(default=None, repr=False)
 
     def __post_init__(self):
+        self.bf16 = resolve_embed_precision(self.precision, self.device) == "bf16"
         if self.index not in INDEX_TYPES:
             raise ValueError(f"eval.index must be one of {INDEX_TYPES}, got {self.index!r}")
         if self.index == "hnsw" and (self.hnsw_m is None or self.hnsw_ef_search is None):
@@ -113,6 +119,8 @@ class Retriever:
             index=search["index"],
             hnsw_m=search.get("hnsw_m"),
             hnsw_ef_search=search.get("hnsw_ef_search"),
+            precision=retrieval["precision"],
+            bf16_min_cosine=float(retrieval["bf16_min_cosine"]),
         )
 
     # ------------------------------------------------------------------ embedding
@@ -125,12 +133,13 @@ class Retriever:
     def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
         """L2-normalised float32 query vectors (query prefix applied)."""
         return embed_queries(list(texts), self.model_name, self.prefixes, self.max_length, self.batch_size,
-                             self.device, model=self.embedder())
+                             self.device, model=self.embedder(), bf16=self.bf16)
 
     def embed_passages(self, ids: Sequence[str], texts: Sequence[str]) -> np.ndarray:
         """L2-normalised float32 passage vectors (passage prefix applied), from the cache when it holds them."""
         return embed_corpus(ids, texts, self.model_name, self.prefixes, self.max_length, self.batch_size,
-                            self.cache_dir, self.device, model=self.model)
+                            self.cache_dir, self.device, model=self.model, bf16=self.bf16,
+                            bf16_min_cosine=self.bf16_min_cosine)
 
     # ------------------------------------------------------------------ search
     def search(self, query_emb: np.ndarray, passage_emb: np.ndarray, top_k: int):
@@ -168,6 +177,7 @@ class Retriever:
             "corpus_size": len(ids),
             "queries": len(qids),
             "embedding_dim": int(c_emb.shape[1]),
+            "embed_precision": "bf16" if self.bf16 else "fp32",
             "embed_corpus_s": round(t1 - t0, 3),
             "embed_queries_s": round(t2 - t1, 3),
             "search_s": round(t3 - t2, 3),

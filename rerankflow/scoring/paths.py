@@ -22,12 +22,12 @@ Every scorer returned by :func:`load_path_scorer` has ``score(pairs, *, sort_by_
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from rerankflow.errors import InputError
+from rerankflow.models import cpu_has_native_bf16  # noqa: F401  (re-exported: the scoring paths and stage 2 decide with it)
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +40,6 @@ def check_scoring_path(path: str, *, key: str = "eval.scoring_path") -> str:
     if path not in SCORING_PATHS:
         raise InputError(f"unknown scoring path {path!r}; expected one of {', '.join(SCORING_PATHS)}", key=key)
     return path
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 matmuls natively (AVX-512 BF16 or AMX-BF16, ``/proc/cpuinfo`` flags)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def auto_candidates(device: str) -> list[str]:
