@@ -119,8 +119,10 @@ class Retriever:
             index=search["index"],
             hnsw_m=search.get("hnsw_m"),
             hnsw_ef_search=search.get("hnsw_ef_search"),
-            precision=retrieval["precision"],
-            bf16_min_cosine=float(retrieval["bf16_min_cosine"]),
+            # absent in stage 0's slice of the section (rules/common.smk FIRST_STAGE_KEYS): its dedup and
+            # round-trip filter embed at fp32, so SDG outputs do not depend on the CPU's bf16 support
+            precision=retrieval.get("precision"),
+            bf16_min_cosine=float(retrieval.get("bf16_min_cosine", 0.999)),
         )
 
     # ------------------------------------------------------------------ embedding

