@@ -164,7 +164,8 @@ def run_variant(variant: str, data: str, cores: int, out_root: Path, previous: d
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     print(f"\n=== {VARIANTS[variant]['name']}\n$ {' '.join(cmd)}", flush=True)
     t0 = time.time()
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+    # this interpreter's Snakemake: the benchmark runs without an activated virtual environment too
+    subprocess.run([sys.executable, "-m", *cmd], cwd=ROOT, env=env, check=True)
     wall = time.time() - t0
     rules = VARIANTS[variant]["rules"]
     times = rule_times(rules, ROOT / out_dir, t0, previous.get("rules", {}))
