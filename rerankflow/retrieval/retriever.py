@@ -122,7 +122,7 @@ class Retriever:
             # absent in stage 0's slice of the section (rules/common.smk FIRST_STAGE_KEYS): its dedup and
             # round-trip filter embed at fp32, so SDG outputs do not depend on the CPU's bf16 support
             precision=retrieval.get("precision"),
-            bf16_min_cosine=float(retrieval.get("bf16_min_cosine", 0.999)),
+            bf16_min_cosine=retrieval.get("bf16_min_cosine"),
         )
 
     # ------------------------------------------------------------------ embedding
