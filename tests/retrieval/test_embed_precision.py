@@ -106,8 +106,7 @@ def test_stage0_slice_without_precision_embeds_fp32(tmp_path):
     from rerankflow.retrieval.retriever import Retriever
 
     section = load_config({"retrieval": {"model": MODEL, "cache_dir": str(tmp_path)}})["retrieval"]
-    stage0 = {k: v for k, v in section.items() if k not in ("first_stage", "bm25", "hybrid", "run_file", "precision",
-                                                            "bf16_min_cosine")}
+    stage0 = {k: v for k, v in section.items() if k not in ("precision", "bf16_min_cosine")}
     r = Retriever.from_config(stage0, device="cpu")
     assert r.bf16 is False and r.precision is None
     assert Retriever.from_config({**stage0, "precision": "bf16"}, device="cpu").bf16 is True
