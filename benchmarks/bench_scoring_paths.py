@@ -11,7 +11,10 @@ every path alike and the ratios stay meaningful):
 * ``torch_bf16_sdpa``   — the same model under ``torch.autocast("cpu", torch.bfloat16)``;
 * ``onnx_fp32``         — the stage 4 export (:func:`rerankflow.scoring.onnx_graph.export_onnx`) on
   ONNX Runtime's CPU provider, session from :mod:`rerankflow.scoring.onnx_session`;
-* ``onnx_int8``         — that export dynamically quantized (:func:`rerankflow.export.quantize.quantize_int8`).
+* ``onnx_int8``         — that export dynamically quantized (:func:`rerankflow.export.quantize.quantize_int8`);
+* ``torch_int8_dynamic`` — PyTorch's dynamic INT8 quantization of every ``nn.Linear`` (sdpa, fp32 elsewhere);
+* ``torch_bf16_compiled`` — ``torch.compile(dynamic=True)`` of the sdpa model under bf16 autocast (round 1
+  includes the compilation).
 
 Agreement with the reference, per path: max / mean |logit difference| and, per query, Spearman and
 Kendall tau of the candidates' order and whether the top 10 is the same set
@@ -146,6 +149,32 @@ def main():
 
             return run
 
+        def torch_int8_dynamic_runner():
+            # PyTorch's own INT8 alternative to the ONNX one: every nn.Linear quantized dynamically (qint8 weights,
+            # activations quantized per batch), fp32 elsewhere
+            model = AutoModelForSequenceClassification.from_pretrained(model_path, attn_implementation="sdpa").eval()
+            qmodel = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+            def run(batch):
+                with torch.inference_mode():
+                    out = qmodel(**{k: torch.from_numpy(v) for k, v in batch.items()}).logits
+                return out.float().reshape(-1).numpy()
+
+            return run
+
+        def torch_compiled_runner():
+            # torch.compile (inductor, dynamic shapes: batches differ in length) under bf16 autocast; round 1
+            # includes the compilation, later rounds show the steady state
+            model = AutoModelForSequenceClassification.from_pretrained(model_path, attn_implementation="sdpa").eval()
+            compiled = torch.compile(model, dynamic=True)
+
+            def run(batch):
+                with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+                    out = compiled(**{k: torch.from_numpy(v) for k, v in batch.items()}).logits
+                return out.float().reshape(-1).numpy()
+
+            return run
+
         backends = {
             "torch_fp32_eager": (torch_runner("eager", False), t_batches),
             "torch_fp32_sdpa": (torch_runner("sdpa", False), t_batches),
@@ -153,6 +182,9 @@ def main():
             "onnx_fp32": (onnx.run_feeds, o_batches),
             "onnx_int8": (int8.run_feeds, o_batches),
         }
+        lazy = {"torch_int8_dynamic": torch_int8_dynamic_runner, "torch_bf16_compiled": torch_compiled_runner}
+        wanted = set(args.paths.split(",")) if args.paths != "all" else set(lazy)
+        backends.update({name: (make(), t_batches) for name, make in lazy.items() if name in wanted})
         if args.paths != "all":
             keep = set(args.paths.split(",")) | {"torch_fp32_sdpa"}
             backends = {k: v for k, v in backends.items() if k in keep}
