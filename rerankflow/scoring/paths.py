@@ -61,7 +61,8 @@ def auto_candidates(device: str) -> list[str]:
 class OnnxPairScorer:
     """:class:`~rerankflow.scoring.onnx_scorer.OnnxScorer` with the stage 3 scorer interface (``score(pairs, ...)``).
 
-    Pairs are tokenized with the export's tokenizer in the export's input format, sorted by length
+    Pairs are tokenized with the export's tokenizer in the export's input format, a block of
+    :data:`~rerankflow.scoring.cross_encoder.ENCODE_BLOCK_PAIRS` at a time, sorted by length within the block
     and run in chunks of ``batch_size`` rows (fp32 ONNX logits do not depend on the batch, so
     ``sort_by_length`` only changes speed and is always on).
     """
@@ -83,10 +84,16 @@ class OnnxPairScorer:
         out = np.zeros(len(pairs), dtype=np.float32)
         if not pairs:
             return out
+        from rerankflow.scoring.cross_encoder import ENCODE_BLOCK_PAIRS
+
         s = self.scorer
-        encoded = s.encode_texts([s.format(q, p) for q, p in pairs])
-        for rows in tqdm(s.plan(encoded), desc=desc, unit="batch", disable=not progress, mininterval=2.0):
-            out[rows] = s.run_chunk([encoded[i] for i in rows])
+        with tqdm(total=len(pairs), desc=desc, unit="pair", disable=not progress, mininterval=2.0) as bar:
+            for block in range(0, len(pairs), ENCODE_BLOCK_PAIRS):  # tokenized a block at a time: bounded memory
+                chunk = pairs[block:block + ENCODE_BLOCK_PAIRS]
+                encoded = s.encode_texts([s.format(q, p) for q, p in chunk])
+                for rows in s.plan(encoded):
+                    out[block + np.asarray(rows)] = s.run_chunk([encoded[i] for i in rows])
+                    bar.update(len(rows))
         return out
 
 

@@ -173,3 +173,27 @@ def test_eval_auto_falls_back_and_says_so_and_reuses_the_decision(eval_setup, tm
     assert rec["used"] == ("torch_bf16" if cpu_has_native_bf16() else "torch_fp32") and rec["fallback"] is False
     if cpu_has_native_bf16():
         assert rec["tried"][0]["passed"] is True and rec["tried"][0]["parity"]["max_abs_logit_diff"] <= 0.1
+
+
+@pytest.mark.parametrize("path", ["torch_fp32", "onnx"])
+def test_scoring_in_blocks_bounds_what_is_tokenized_at_once_and_keeps_the_scores(minilm, tmp_path, monkeypatch, path):
+    # pairs are tokenized a block at a time (memory bounded whatever the number of pairs: ArguAna's 42,180
+    # pairs held 10.2 GB when tokenized in one call); the logits, aligned with the input, stay the same
+    import rerankflow.scoring.cross_encoder as ce
+
+    load = _load(minilm, tmp_path / "onnx")
+    whole = load(path)[0].score(PAIRS, sort_by_length=True, progress=False)  # 64 pairs: one block
+    monkeypatch.setattr(ce, "ENCODE_BLOCK_PAIRS", 5)
+    scorer = load(path)[0]
+    seen = []
+    if path == "onnx":
+        inner = scorer.scorer
+        encode_texts = inner.encode_texts
+        monkeypatch.setattr(inner, "encode_texts", lambda texts: seen.append(len(texts)) or encode_texts(texts))
+    else:
+        encode = scorer.encode
+        monkeypatch.setattr(scorer, "encode", lambda pairs: seen.append(len(pairs)) or encode(pairs))
+    blocked = scorer.score(PAIRS, sort_by_length=True, progress=False)
+    assert seen == [5] * 12 + [4]
+    assert float(np.ptp(whole)) > 5.0  # a real reranker's spread: a misaligned block would show
+    np.testing.assert_allclose(blocked, whole, atol=1e-4)
