@@ -11,7 +11,7 @@ the scores of a checkpoint and of the endpoint serving it are directly comparabl
 
 Pairs are tokenized and length-sorted in blocks of :data:`ENCODE_BLOCK_PAIRS`, never all at once, so
 memory does not grow with the number of pairs: tokenizing ArguAna's 42,180 stage-3 pairs in one call
-held 10.2 GB (benchmarks/RESULTS.md). Sorting within a block of 2,048 pairs pads about as little as
+held 10.7 GB (benchmarks/RESULTS.md). Sorting within a block of 2,048 pairs pads about as little as
 sorting all of them.
 """
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -28,8 +28,14 @@ from rerankflow.models import pick_device
 
 log = logging.getLogger(__name__)
 
-# pairs tokenized (and length-sorted) at a time by CrossEncoderScorer.score: bounds the tokenizer's memory
+# pairs tokenized (and length-sorted) at a time by every scorer's score(): bounds the tokenizer's memory
 ENCODE_BLOCK_PAIRS = 2048
+
+
+def pair_blocks(pairs: Sequence) -> Iterator[tuple[int, Sequence]]:
+    """``(start, pairs[start:start + ENCODE_BLOCK_PAIRS])`` over ``pairs``: what a scorer tokenizes at once."""
+    for start in range(0, len(pairs), ENCODE_BLOCK_PAIRS):
+        yield start, pairs[start:start + ENCODE_BLOCK_PAIRS]
 
 
 class CrossEncoderScorer:
@@ -151,22 +157,19 @@ class CrossEncoderScorer:
         if n == 0:
             return scores
         bs = self.batch_size
-        blocks = range(0, n, ENCODE_BLOCK_PAIRS)
-        total = sum(-(-min(ENCODE_BLOCK_PAIRS, n - b) // bs) for b in blocks)
         was_training = self.model.training
         self.model.eval()
         try:
-            with tqdm(total=total, desc=desc, unit="batch", disable=not progress, mininterval=2.0) as bar:
-                for block in blocks:
-                    m = min(ENCODE_BLOCK_PAIRS, n - block)
-                    ids, types = self.encode(pairs[block:block + m])
-                    order = np.argsort([-len(x) for x in ids], kind="stable") if sort_by_length else np.arange(m)
-                    for start in range(0, m, bs):
+            with tqdm(total=n, desc=desc, unit="pair", disable=not progress, mininterval=2.0) as bar:
+                for block, chunk in pair_blocks(pairs):
+                    ids, types = self.encode(chunk)
+                    order = np.argsort([-len(x) for x in ids], kind="stable") if sort_by_length else np.arange(len(ids))
+                    for start in range(0, len(ids), bs):
                         idx = order[start:start + bs]
                         scores[block + idx] = self._logits([ids[i] for i in idx],
                                                            [types[i] for i in idx] if types is not None else None)
-                        bar.update(1)
-                    del ids, types
+                        bar.update(len(idx))
+                    del ids, types  # free this block's tokens before the next block is tokenized
         finally:
             if was_training:
                 self.model.train()

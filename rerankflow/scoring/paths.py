@@ -84,12 +84,11 @@ class OnnxPairScorer:
         out = np.zeros(len(pairs), dtype=np.float32)
         if not pairs:
             return out
-        from rerankflow.scoring.cross_encoder import ENCODE_BLOCK_PAIRS
+        from rerankflow.scoring.cross_encoder import pair_blocks
 
         s = self.scorer
         with tqdm(total=len(pairs), desc=desc, unit="pair", disable=not progress, mininterval=2.0) as bar:
-            for block in range(0, len(pairs), ENCODE_BLOCK_PAIRS):  # tokenized a block at a time: bounded memory
-                chunk = pairs[block:block + ENCODE_BLOCK_PAIRS]
+            for block, chunk in pair_blocks(pairs):  # tokenized a block at a time: bounded memory
                 encoded = s.encode_texts([s.format(q, p) for q, p in chunk])
                 for rows in s.plan(encoded):
                     out[block + np.asarray(rows)] = s.run_chunk([encoded[i] for i in rows])

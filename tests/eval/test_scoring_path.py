@@ -178,7 +178,7 @@ def test_eval_auto_falls_back_and_says_so_and_reuses_the_decision(eval_setup, tm
 @pytest.mark.parametrize("path", ["torch_fp32", "onnx"])
 def test_scoring_in_blocks_bounds_what_is_tokenized_at_once_and_keeps_the_scores(minilm, tmp_path, monkeypatch, path):
     # pairs are tokenized a block at a time (memory bounded whatever the number of pairs: ArguAna's 42,180
-    # pairs held 10.2 GB when tokenized in one call); the logits, aligned with the input, stay the same
+    # pairs held 10.7 GB when tokenized in one call); the logits, aligned with the input, stay the same
     import rerankflow.scoring.cross_encoder as ce
 
     load = _load(minilm, tmp_path / "onnx")
