@@ -130,6 +130,13 @@ def finetuned_checkpoint(section="eval"):
 FINETUNE_JOB_KEYS = ("gpus", "threads", "mem_mb", "runtime")
 
 
+def scoring_gpus():
+    """GPUs a scoring job (evaluate, sweep_base_eval, sweep_evaluate) requests: 1 with device cuda, else 0.
+    device auto requests none, so a CPU-only cluster never queues these jobs for a GPU; where GPUs exist,
+    the profile asks for one (profiles/slurm: set-resources evaluate: gpu: 1), as for finetune."""
+    return 1 if config["device"] == "cuda" else 0
+
+
 def finetune_settings():
     """The finetune section as the rule's params: every training setting, none of FINETUNE_JOB_KEYS."""
     return {k: v for k, v in config["finetune"].items() if k not in FINETUNE_JOB_KEYS}

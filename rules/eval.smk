@@ -41,7 +41,7 @@ rule evaluate:
         f"{OUT}/logs/benchmarks/evaluate.tsv"
     threads: workflow.cores
     resources:
-        gpu=0 if config["device"] == "cpu" else 1,
+        gpu=scoring_gpus(),
         mem_mb=16000,
         runtime=120,
     conda:

@@ -53,7 +53,7 @@ rule sweep_base_eval:
         f"{SWEEP_BENCH}/base_eval.tsv"
     threads: finetune_threads()
     resources:
-        gpu=0 if config["device"] == "cpu" else 1,
+        gpu=scoring_gpus(),
         mem_mb=config["finetune"]["mem_mb"],
         runtime=config["finetune"]["runtime"],
     conda:
@@ -130,7 +130,7 @@ rule sweep_evaluate:
         f"{SWEEP_BENCH}/{{variant}}/evaluate.tsv"
     threads: finetune_threads()
     resources:
-        gpu=0 if config["device"] == "cpu" else 1,
+        gpu=scoring_gpus(),
         mem_mb=config["finetune"]["mem_mb"],
         runtime=config["finetune"]["runtime"],
     conda:

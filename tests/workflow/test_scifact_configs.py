@@ -150,3 +150,20 @@ def test_teacher_denoise_makes_prep_read_the_imported_base(tmp_path, tiny_beir):
     overlay = tmp_path / "denoise.yaml"
     overlay.write_text("prep:\n  teacher_denoise: true\n  negative_range_min: 2\n")
     assert _dry_run(tmp_path, target, files + [str(overlay)]) == {"prep": 1, "import_bge": 1, "import_base_model": 1}
+
+
+def test_evaluate_asks_for_a_gpu_only_with_device_cuda(tmp_path, tiny_beir):
+    """device auto (the default) requests no GPU for stage 3: on a CPU-only cluster the job would never be
+    scheduled; a GPU site asks for one in its profile (profiles/slurm), as it does for finetune."""
+    import re
+
+    files = _with_data(tmp_path, ["config/scifact.yaml"], tiny_beir)
+    target = "output/scifact/supervised/stage3_eval/eval_results.json"
+    gpus = {}
+    for device in ("auto", "cuda"):
+        overlay = tmp_path / f"{device}.yaml"
+        overlay.write_text(f"device: {device}\n")
+        out = run_snakemake(tmp_path, "-n", target, "--configfile", *files, str(overlay)).stdout
+        block = out[out.index("rule evaluate:"):]
+        gpus[device] = re.search(r"resources: ([^\n]*)", block).group(1)
+    assert "gpu=0" in gpus["auto"] and "gpu=1" in gpus["cuda"], gpus
