@@ -68,20 +68,31 @@ def base_model_path():
 
 # prep keys that are left out of prep's params while they are off (false / 0), so that adding them re-runs
 # no existing prep job: absent means off in rerankflow.prep.run.run_prep
-TEACHER_KEYS = ("teacher_denoise", "teacher_model", "teacher_input_format", "teacher_margin", "teacher_batch_size")
+TEACHER_KEYS = ("teacher_denoise", "teacher_model", "teacher_input_format", "teacher_margin", "teacher_batch_size",
+                "teacher_precision", "teacher_first_stage_weight")
+
+
+def teacher_distilling():
+    """finetune.loss distill: prep scores every training pair with the teacher (the targets stage 2 distils)."""
+    return config["finetune"]["loss"] == "distill"
 
 
 def teacher_denoising():
-    return bool(config["prep"]["teacher_denoise"])
+    """Whether prep runs a teacher at all: to denoise negatives (prep.teacher_denoise) or for distillation."""
+    return bool(config["prep"]["teacher_denoise"]) or teacher_distilling()
 
 
 def prep_settings():
-    """The prep section as the rule's params: the teacher keys only when prep.teacher_denoise is on, and
-    negative_range_min only when it is not 0 (the default DAG and params are those of before these options)."""
+    """The prep section as the rule's params: the teacher keys only when prep runs a teacher (denoising or
+    distillation; teacher_scores: true marks the latter), and negative_range_min only when it is not 0 (the
+    default DAG and params are those of before these options)."""
     drop = () if teacher_denoising() else TEACHER_KEYS
     if not config["prep"]["negative_range_min"]:
         drop += ("negative_range_min",)
-    return {k: v for k, v in config["prep"].items() if k not in drop}
+    out = {k: v for k, v in config["prep"].items() if k not in drop}
+    if teacher_distilling():
+        out["teacher_scores"] = True
+    return out
 
 
 def teacher_model_dir():
@@ -130,6 +141,9 @@ def finetuned_checkpoint(section="eval"):
 FINETUNE_JOB_KEYS = ("gpus", "threads", "mem_mb", "runtime")
 
 
+DISTILL_KEYS = ("distill_alpha", "distill_temperature")
+
+
 def scoring_gpus():
     """GPUs a scoring job (evaluate, sweep_base_eval, sweep_evaluate) requests: 1 with device cuda, else 0.
     device auto requests none, so a CPU-only cluster never queues these jobs for a GPU; where GPUs exist,
@@ -138,8 +152,10 @@ def scoring_gpus():
 
 
 def finetune_settings():
-    """The finetune section as the rule's params: every training setting, none of FINETUNE_JOB_KEYS."""
-    return {k: v for k, v in config["finetune"].items() if k not in FINETUNE_JOB_KEYS}
+    """The finetune section as the rule's params: every training setting, none of FINETUNE_JOB_KEYS, and
+    the distill_* keys only with finetune.loss distill (so that adding them re-ran no existing fine-tune)."""
+    drop = set(FINETUNE_JOB_KEYS) | (set() if teacher_distilling() else set(DISTILL_KEYS))
+    return {k: v for k, v in config["finetune"].items() if k not in drop}
 
 
 def finetune_threads():

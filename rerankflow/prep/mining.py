@@ -37,6 +37,7 @@ class MiningResult:
     stats: dict = field(default_factory=dict)
     teacher_dropped: list[list[tuple[int, float]]] | None = None  # per query, when a teacher denoised
     teacher_reference: list[float] | None = None
+    teacher_logits: list[dict[int, float]] | None = None  # per query: passage index -> teacher logit, as scored
 
 
 def select_negatives(candidates: Sequence[tuple[int, float]], positives: set[int], min_pos_score: float,
@@ -236,14 +237,17 @@ def teacher_denoise(mined: MiningResult, queries: Sequence[str], passage_texts: 
 
     ``score_pairs(pairs, desc)`` returns one logit per (query, passage text) pair. Updates ``mined``
     (negatives, short, ``teacher_dropped``: per query the dropped ``(passage index, teacher logit)``,
-    ``teacher_reference``: per query the lowest positive logit) and returns the counts.
+    ``teacher_reference``: per query the lowest positive logit, ``teacher_logits``: every logit scored, so
+    :func:`teacher_scores` does not score a pair twice) and returns the counts.
     """
     n = len(queries)
     pos_pairs = [(i, p) for i in range(n) for p, _s in mined.positives[i]]
     pos_logits = score_pairs([(queries[i], passage_texts[p]) for i, p in pos_pairs], "teacher: positives")
     reference = [float("inf")] * n
-    for (i, _p), s in zip(pos_pairs, pos_logits):
+    seen: list[dict[int, float]] = [{} for _ in range(n)]
+    for (i, p), s in zip(pos_pairs, pos_logits):
         reference[i] = min(reference[i], float(s))
+        seen[i][p] = float(s)
     pools = mined.negatives
     kept: list[list[tuple[int, float]]] = [[] for _ in range(n)]
     dropped: list[list[tuple[int, float]]] = [[] for _ in range(n)]
@@ -262,6 +266,7 @@ def teacher_denoise(mined: MiningResult, queries: Sequence[str], passage_texts: 
         logits = score_pairs([(queries[i], passage_texts[c[0]]) for i, c in batch], f"teacher: candidates, round {rounds}")
         scored += len(batch)
         for (i, cand), s in zip(batch, logits):  # per query in first-stage order
+            seen[i][cand[0]] = float(s)
             if float(s) > reference[i] - margin:
                 dropped[i].append((cand[0], float(s)))
             else:
@@ -272,6 +277,7 @@ def teacher_denoise(mined: MiningResult, queries: Sequence[str], passage_texts: 
     mined.short = sum(1 for k in kept if len(k) < num_negatives)
     mined.teacher_dropped = dropped
     mined.teacher_reference = reference
+    mined.teacher_logits = seen
     n_dropped = sum(len(d) for d in dropped)
     return {"positives_scored": len(pos_pairs), "candidates_scored": scored, "rounds": rounds,
             "dropped_as_likely_positive": n_dropped,
@@ -279,3 +285,45 @@ def teacher_denoise(mined: MiningResult, queries: Sequence[str], passage_texts: 
             "queries_with_a_drop": sum(1 for d in dropped if d),
             "queries_short_of_negatives": mined.short,
             "queries_short_because_of_teacher": mined.short - short_before}
+
+
+def teacher_scores(mined: MiningResult, queries: Sequence[str], passage_texts: Sequence[str], *,
+                   score_pairs: Callable[[list[tuple[str, str]], str], np.ndarray], only: Sequence[int]) -> dict:
+    """The teacher's logit for every positive and kept negative of the queries in ``only`` (the training
+    split), the targets of stage 2's ``finetune.loss: distill``.
+
+    Pairs :func:`teacher_denoise` already scored are taken from ``mined.teacher_logits``, not scored again.
+    Updates ``mined.teacher_logits`` (per query: passage index -> logit; queries outside ``only`` keep what
+    they had) and returns ``{"pairs": scored here, "reused": taken from denoising}``.
+    """
+    seen = mined.teacher_logits or [{} for _ in queries]
+    todo = [(i, p) for i in only for p in dict.fromkeys([p for p, _s in mined.positives[i]]
+                                                         + [p for p, _s in mined.negatives[i]]) if p not in seen[i]]
+    wanted = sum(len({p for p, _s in mined.positives[i]} | {p for p, _s in mined.negatives[i]}) for i in only)
+    if todo:
+        logits = score_pairs([(queries[i], passage_texts[p]) for i, p in todo], "teacher: training pairs")
+        for (i, p), s in zip(todo, logits):
+            seen[i][p] = float(s)
+    mined.teacher_logits = seen
+    return {"pairs": len(todo), "reused": wanted - len(todo)}
+
+
+def mix_first_stage(mined: MiningResult, only: Sequence[int], weight: float) -> None:
+    """Make the teacher an ensemble of the cross-encoder and the first stage, per training query.
+
+    Over each query's pool (positives and kept negatives), the first stage's scores (the mining scores of
+    ``pos_doc`` / ``neg_doc``: the bi-encoder's cosines when the first stage has a dense source, else its own
+    scores) are standardized and put on the cross-encoder's scale: ``teacher = logit + weight x std(logits)
+    x z(first stage)``. ``weight`` 1 gives both the same spread; 0 leaves the cross-encoder alone. A pool
+    whose first-stage or teacher scores are all equal is left as it is. Updates ``mined.teacher_logits``.
+    """
+    for i in only:
+        fs = dict(mined.positives[i])
+        fs.update(dict(mined.negatives[i]))
+        ids = list(fs)
+        ce = np.array([mined.teacher_logits[i][p] for p in ids], dtype=np.float64)
+        f = np.array([fs[p] for p in ids], dtype=np.float64)
+        if len(ids) < 2 or f.std() == 0 or ce.std() == 0:
+            continue
+        mixed = ce + weight * ce.std() * (f - f.mean()) / f.std()
+        mined.teacher_logits[i].update({p: float(v) for p, v in zip(ids, mixed)})

@@ -30,7 +30,8 @@ from pathlib import Path
 from rerankflow.beir import check_qrels, load_corpus, load_qrels, load_queries, passage_text, write_beir
 from rerankflow.errors import InputError
 from rerankflow.io import atomic_path, sha256_text, write_json
-from rerankflow.prep.mining import mine_from_first_stage, mine_hard_negatives, teacher_denoise
+from rerankflow.prep.mining import (mine_from_first_stage, mine_hard_negatives, mix_first_stage, teacher_denoise,
+                                    teacher_scores)
 from rerankflow.retrieval.first_stage import FirstStage
 from rerankflow.sdg.run import load_sdg_records
 
@@ -181,20 +182,28 @@ def _check_splits(by_split: dict) -> list[str]:
 
 
 def _write_training_files(out_dir: Path, mine_q: list[dict], mined, pids: list[str], texts: list[str],
-                          psplits: list[set], val_candidates: dict) -> tuple[list[str], list[dict]]:
+                          psplits: list[set], val_candidates: dict,
+                          teacher_logits: list[dict[int, float]] | None = None) -> tuple[list[str], list[dict]]:
     """Write the corpus parquet, train.json, val.json and the mined (and unrolled) training files.
 
     ``val_candidates``: ``{val qid: {passage id: first-stage score}}``, written into each val record as
-    ``candidates`` (first-stage order). Returns the passage ids of the training corpus and the unrolled records."""
+    ``candidates`` (first-stage order). ``teacher_logits``: per query, passage index -> teacher logit; a
+    training record's ``pos_doc`` / ``neg_doc`` entries then carry it as ``"teacher"``. Returns the passage
+    ids of the training corpus and the unrolled records."""
     index_of = {p: i for i, p in enumerate(pids)}
     parquet = (out_dir / "corpus" / "train.parquet").resolve()
     referenced = set()
     records = {"train": [], "val": []}
-    for q, pos, neg in zip(mine_q, mined.positives, mined.negatives):
+    for qi, (q, pos, neg) in enumerate(zip(mine_q, mined.positives, mined.negatives)):
+        teach = teacher_logits[qi] if teacher_logits is not None and q["split"] == "train" else {}
+
+        def entry(i, s, teach=teach):
+            return {"id": pids[i], "score": round(s, 6), **({"teacher": round(teach[i], 5)} if i in teach else {})}
+
         rec = {
             "question_id": q["qid"], "question": q["question"], "corpus_id": "train",
-            "pos_doc": [{"id": pids[i], "score": round(s, 6)} for i, s in pos],
-            "neg_doc": [{"id": pids[i], "score": round(s, 6)} for i, s in neg],
+            "pos_doc": [entry(i, s) for i, s in pos],
+            "neg_doc": [entry(i, s) for i, s in neg],
         }
         if q.get("metadata"):
             rec["metadata"] = q["metadata"]
@@ -221,13 +230,13 @@ def _write_training_files(out_dir: Path, mine_q: list[dict], mined, pids: list[s
     return train_pids, unrolled
 
 
-def _teacher_scorer(teacher: dict, batch_size: int, device: str):
+def _teacher_scorer(teacher: dict, batch_size: int, device: str, precision: str):
     """``score_pairs(pairs, desc)`` with the teacher cross-encoder, built like stage 3 builds the base's scorer
-    (its input format, the prompt template and max_length of ``reranker``), in fp32."""
+    (its input format, the prompt template and max_length of ``reranker``), in ``precision`` (fp32 or bf16)."""
     from rerankflow.scoring.cross_encoder import CrossEncoderScorer
 
     scorer = CrossEncoderScorer(teacher["model"], max_length=int(teacher["max_length"]),
-                                template=teacher["prompt_template"], device=device, bf16=False,
+                                template=teacher["prompt_template"], device=device, bf16=precision == "bf16",
                                 batch_size=int(batch_size), input_format=teacher["input_format"])
     return lambda pairs, desc: scorer.score(pairs, sort_by_length=True, desc=desc)
 
@@ -245,6 +254,11 @@ def run_prep(out_dir, prep_cfg: dict, retrieval_cfg: dict, *, seed: int, sdg_pat
     ``prep.teacher_denoise``: a cross-encoder ``teacher`` (``{"model": checkpoint, "input_format",
     "prompt_template", "max_length"}``, resolved by the rule) drops mined candidates it scores above the
     query's lowest positive minus ``prep.teacher_margin`` (:func:`rerankflow.prep.mining.teacher_denoise`).
+    ``prep.teacher_scores`` (set by the rule when ``finetune.loss`` is ``distill``): the same teacher scores
+    every positive and negative of the training records, written as ``"teacher"`` in each ``pos_doc`` /
+    ``neg_doc`` entry (:func:`rerankflow.prep.mining.teacher_scores`), the targets stage 2 distils;
+    ``prep.teacher_first_stage_weight`` > 0 mixes the first stage's scores into them
+    (:func:`rerankflow.prep.mining.mix_first_stage`).
     ``prep.negative_range_min``: the first N first-stage ranks (positives removed) are never negatives.
     The rule leaves these keys out of ``prep_cfg`` while they are off (false / 0), so existing outputs are
     not re-run: absent means off, today's behaviour.
@@ -273,6 +287,11 @@ def run_prep(out_dir, prep_cfg: dict, retrieval_cfg: dict, *, seed: int, sdg_pat
     denoise = bool(prep_cfg.get("teacher_denoise"))
     if denoise and not teacher:
         raise InputError("prep.teacher_denoise is true but no teacher model was given", key="prep.teacher_denoise")
+    distill = bool(prep_cfg.get("teacher_scores"))
+    if distill and not teacher:
+        raise InputError("finetune.loss is distill but prep was given no teacher model", key="finetune.loss")
+    precision = prep_cfg.get("teacher_precision")  # present with every teacher key (the rule drops them together)
+    score_pairs = _teacher_scorer(teacher, prep_cfg["teacher_batch_size"], device, precision) if teacher else None
     skip = int(prep_cfg.get("negative_range_min") or 0)
     mining_args = dict(num_negatives=n_neg, margin=float(prep_cfg["hard_neg_margin"]), depth=int(prep_cfg["mining_depth"]),
                        skip=skip, keep_all=denoise)
@@ -288,7 +307,6 @@ def run_prep(out_dir, prep_cfg: dict, retrieval_cfg: dict, *, seed: int, sdg_pat
     teacher_stats = None
     if denoise:
         t_teacher = time.time()
-        score_pairs = _teacher_scorer(teacher, prep_cfg["teacher_batch_size"], device)
         teacher_stats = teacher_denoise(mined, [q["question"] for q in mine_q], texts, score_pairs=score_pairs,
                                         num_negatives=n_neg, margin=float(prep_cfg["teacher_margin"]))
         teacher_seconds = time.time() - t_teacher
@@ -303,6 +321,21 @@ def run_prep(out_dir, prep_cfg: dict, retrieval_cfg: dict, *, seed: int, sdg_pat
         log.info("teacher: scored %d candidates (+%d positives) in %.1f s, dropped %d as likely positives (%.1f%%)",
                  teacher_stats["candidates_scored"], teacher_stats["positives_scored"], teacher_seconds,
                  teacher_stats["dropped_as_likely_positive"], 100 * teacher_stats["dropped_fraction"])
+    distill_stats = None
+    if distill:
+        t_distill = time.time()
+        train_idx = [i for i, q in enumerate(mine_q) if q["split"] == "train"]
+        distill_stats = teacher_scores(mined, [q["question"] for q in mine_q], texts, score_pairs=score_pairs,
+                                       only=train_idx)
+        fs_weight = float(prep_cfg["teacher_first_stage_weight"])
+        if fs_weight > 0:
+            mix_first_stage(mined, train_idx, fs_weight)
+        distill_stats = {"model": str(teacher["model"]), "input_format": teacher["input_format"],
+                         "max_length": int(teacher["max_length"]), "precision": precision,
+                         "first_stage_weight": fs_weight, **distill_stats,
+                         "seconds": round(time.time() - t_distill, 2)}
+        log.info("teacher: scored %d training pairs (%d reused from denoising) in %.1f s for distillation",
+                 distill_stats["pairs"], distill_stats["reused"], distill_stats["seconds"])
     val_run, val_recall = {}, None
     if by_split["val"] and int(val_candidates) > 0:
         val_run, _ = first_stage.retrieve(corpus, {q["qid"]: q["question"] for q in by_split["val"]},
@@ -314,7 +347,8 @@ def run_prep(out_dir, prep_cfg: dict, retrieval_cfg: dict, *, seed: int, sdg_pat
                         "(small corpus or strict margin)")
         log.warning(warnings[-1])
 
-    train_pids, unrolled = _write_training_files(out_dir, mine_q, mined, pids, texts, psplits, val_run)
+    train_pids, unrolled = _write_training_files(out_dir, mine_q, mined, pids, texts, psplits, val_run,
+                                                 mined.teacher_logits if distill else None)
     if teacher_stats is not None:
         teacher_stats["train_examples_short_of_negatives"] = sum(1 for r in unrolled if len(r["neg_doc"]) < n_neg)
 
@@ -333,6 +367,7 @@ def run_prep(out_dir, prep_cfg: dict, retrieval_cfg: dict, *, seed: int, sdg_pat
         "queries_short_of_negatives": mined.short,
         **({"negative_range_min": skip} if skip else {}),
         **({"teacher": teacher_stats} if teacher_stats is not None else {}),
+        **({"teacher_scores": distill_stats} if distill_stats is not None else {}),
         "mining": {**mined.stats, "seconds": round(mining_seconds, 2),
                    "passages_per_s": round(len(pids) / max(mining_seconds, 1e-9), 1)},
         "retrieval_model": retrieval_cfg["model"],

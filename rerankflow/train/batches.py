@@ -35,18 +35,24 @@ class _MicroBatches:
         return len(self.items)
 
     def __getitem__(self, i):
-        """``(labels, encoding)``: labels 1.0 for a positive (slot 0) else 0.0, in row order."""
-        pairs, labels = [], []
+        """``(labels, encoding, teacher)``: labels 1.0 for a positive (slot 0) else 0.0, and the teacher's
+        logits (:meth:`rerankflow.train.data.TrainExample.teacher_logits`; None when the data has none), in
+        row order."""
+        pairs, labels, teacher = [], [], []
         for ei, slot in self.items[i]:
             ex = self.data.examples[ei]
             d = ex.positive if slot == 0 else self.negatives[ei][slot - 1]
             pairs.append((ex.question, self.data.passages[d]))
             labels.append(1.0 if slot == 0 else 0.0)
-        return labels, self.collator(pairs)
+            if teacher is not None and ex.teacher:
+                teacher.append(ex.teacher_logits([d])[0])
+            else:
+                teacher = None
+        return labels, self.collator(pairs), teacher
 
 
 def epoch_batches(plan, start_step, dist, data, collator, num_workers):
-    """An iterator over this rank's ``(labels, encoding)`` micro-batches of ``plan`` from ``start_step``;
+    """An iterator over this rank's ``(labels, encoding, teacher)`` micro-batches of ``plan`` from ``start_step``;
     with ``num_workers`` > 0 tokenized ahead in DataLoader worker processes."""
     ds = _MicroBatches(plan, start_step, dist, data, collator)
     if num_workers <= 0:

