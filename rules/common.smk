@@ -107,16 +107,18 @@ def teacher_model_dir():
 
 
 def teacher_params():
-    """prep's params for the teacher, only when denoising: the model as from_pretrained gets it, and the
+    """prep's params for the teacher, only when prep runs one: the model as from_pretrained gets it, the
     way stage 3 scores the base (eval.base_input_format unless prep.teacher_input_format; the prompt
-    template and max_length of reranker)."""
+    template and max_length of reranker), and stage 3's score cache (eval.score_cache_dir, when
+    eval.cache_scores), which the teacher's scores share."""
     if not teacher_denoising():
         return {}
     d = teacher_model_dir()
     model = d if d else (config["prep"]["teacher_model"] or base_model_path())
     fmt = config["prep"]["teacher_input_format"] or config["eval"]["base_input_format"]
+    cache = config["eval"]["score_cache_dir"] if config["eval"]["cache_scores"] else None
     return {"teacher": {"model": model, "input_format": fmt, "prompt_template": config["reranker"]["prompt_template"],
-                        "max_length": config["reranker"]["max_length"]}}
+                        "max_length": config["reranker"]["max_length"], "score_cache_dir": cache}}
 
 
 def eval_data_dir():

@@ -232,13 +232,35 @@ def _write_training_files(out_dir: Path, mine_q: list[dict], mined, pids: list[s
 
 def _teacher_scorer(teacher: dict, batch_size: int, device: str, precision: str):
     """``score_pairs(pairs, desc)`` with the teacher cross-encoder, built like stage 3 builds the base's scorer
-    (its input format, the prompt template and max_length of ``reranker``), in ``precision`` (fp32 or bf16)."""
-    from rerankflow.scoring.cross_encoder import CrossEncoderScorer
+    (its input format, the prompt template and max_length of ``reranker``), in ``precision`` (fp32 or bf16).
 
-    scorer = CrossEncoderScorer(teacher["model"], max_length=int(teacher["max_length"]),
-                                template=teacher["prompt_template"], device=device, bf16=precision == "bf16",
-                                batch_size=int(batch_size), input_format=teacher["input_format"])
-    return lambda pairs, desc: scorer.score(pairs, sort_by_length=True, desc=desc)
+    With ``teacher["score_cache_dir"]`` (stage 3's score cache, ``eval.score_cache_dir``) scores are looked
+    up there first under the scorer's identity (:mod:`rerankflow.scoring.score_cache`: checkpoint content,
+    input format, max length, scoring path), and the model is loaded only when some pair is missing; so a
+    second prep over the same pairs (another ``teacher_first_stage_weight``, another fine-tune setting that
+    re-runs prep) scores nothing again."""
+    from rerankflow.scoring.cross_encoder import CrossEncoderScorer
+    from rerankflow.scoring.score_cache import ScoreCache, cached_score, scorer_identity
+
+    loaded = {}
+
+    def make_scorer():
+        if "scorer" not in loaded:
+            loaded["scorer"] = CrossEncoderScorer(
+                teacher["model"], max_length=int(teacher["max_length"]), template=teacher["prompt_template"],
+                device=device, bf16=precision == "bf16", batch_size=int(batch_size), input_format=teacher["input_format"])
+        return loaded["scorer"]
+
+    cache = None
+    if teacher.get("score_cache_dir"):
+        path = "torch_bf16" if precision == "bf16" else "torch_fp32"
+        ident = scorer_identity(teacher["model"], input_format=teacher["input_format"],
+                                template=teacher["prompt_template"], max_length=int(teacher["max_length"]),
+                                scoring_path=path)
+        cache = ScoreCache(teacher["score_cache_dir"], ident, {"checkpoint": str(teacher["model"]), "scoring_path": path,
+                                                              "input_format": teacher["input_format"],
+                                                              "max_length": int(teacher["max_length"])})
+    return lambda pairs, desc: cached_score(pairs, cache, make_scorer, sort_by_length=True, desc=desc)[0]
 
 
 def run_prep(out_dir, prep_cfg: dict, retrieval_cfg: dict, *, seed: int, sdg_path=None, device: str,

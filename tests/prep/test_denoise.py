@@ -208,3 +208,22 @@ def test_teacher_first_stage_weight_mixes_the_first_stage_into_the_teachers_scor
         top = max(docs, key=lambda d: docs[d][1])
         assert mixed[q][top][0] - plain[q][top][0] >= max(mixed[q][d][0] - plain[q][d][0] for d in docs) - 1e-6
     assert changed == movable >= 3  # every query with two or more pool scores that differ (BM25 found none for some)
+
+
+def test_teacher_scores_are_shared_through_the_score_cache(beir, teacher, tmp_path, monkeypatch):
+    """With stage 3's score cache, a second prep over the same pairs (another first-stage weight) takes every
+    teacher score from the cache and never loads the teacher."""
+    import rerankflow.scoring.cross_encoder as ce
+
+    cached = {**teacher, "score_cache_dir": str(tmp_path / "scores")}
+    _run(_distilling(_config(beir, tmp_path, teacher_batch_size=4)), tmp_path / "first", teacher=cached)
+    first = json.loads((tmp_path / "first/train_mined.automodel.json").read_text())["data"]
+    assert list((tmp_path / "scores").glob("*.json")), "the teacher's scores were stored"
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the teacher model was loaded although every score was cached")
+    monkeypatch.setattr(ce, "CrossEncoderScorer", no_model)
+    _run(_distilling(_config(beir, tmp_path, teacher_batch_size=4)), tmp_path / "again", teacher=cached)
+    again = json.loads((tmp_path / "again/train_mined.automodel.json").read_text())["data"]
+    assert [[d["teacher"] for d in r["pos_doc"] + r["neg_doc"]] for r in again] == \
+        [[d["teacher"] for d in r["pos_doc"] + r["neg_doc"]] for r in first]
