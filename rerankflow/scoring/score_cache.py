@@ -14,8 +14,9 @@ the pairs it has never seen.
   checkpoint or setting therefore never reuses a score.
 * A **pair** is keyed by the sha256 of its query and passage texts, so a different corpus
   version, query set or candidate list reuses exactly the pairs that are unchanged.
-* Files are written atomically (temp file + rename); two evaluations writing the same file at
-  once lose at most the other's new entries, never the file.
+* Files are written atomically (temp file + rename), and a save first merges the entries another job
+  saved since this one read the file (a prep's teacher and an evaluation share the base's file). Two
+  saves in the same instant can still lose one side's new entries, never the file.
 """
 
 from __future__ import annotations
@@ -129,6 +130,13 @@ class ScoreCache:
         """Write the file (atomically) when something was added."""
         if not self._dirty:
             return
+        if self.path.exists():  # merge what another job saved since this one read the file
+            try:
+                doc = json.loads(self.path.read_text())
+                if doc.get("identity") == self.identity:
+                    self.scores = {**{str(k): float(v) for k, v in doc["scores"].items()}, **self.scores}
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # unreadable: overwritten with this job's scores
         write_json(self.path, {"identity": self.identity, "scorer": self.description, "scores": self.scores})
         self._dirty = False
 

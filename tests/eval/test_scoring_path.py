@@ -197,3 +197,19 @@ def test_scoring_in_blocks_bounds_what_is_tokenized_at_once_and_keeps_the_scores
     assert seen == [5] * 12 + [4]
     assert float(np.ptp(whole)) > 5.0  # a real reranker's spread: a misaligned block would show
     np.testing.assert_allclose(blocked, whole, atol=1e-4)
+
+
+def test_score_cache_saves_merge_what_another_job_saved_meanwhile(tmp_path):
+    """Two jobs (a prep's teacher and an evaluation) hold the same cache file open: the second save keeps
+    the first one's entries instead of overwriting them."""
+    from rerankflow.scoring.score_cache import ScoreCache
+
+    a, b = ScoreCache(tmp_path, "f" * 64), ScoreCache(tmp_path, "f" * 64)  # both read the file before either saved
+    a.add([("q1", "p1"), ("q1", "p2")], [1.0, 2.0])
+    a.save()
+    b.add([("q2", "p3"), ("q1", "p1")], [3.0, 1.5])
+    b.save()
+    scores, missing = ScoreCache(tmp_path, "f" * 64).lookup([("q1", "p1"), ("q1", "p2"), ("q2", "p3")])
+    assert missing == [] and scores.tolist() == [1.5, 2.0, 3.0]  # b's own score of (q1, p1) wins
+    other = ScoreCache(tmp_path, "e" * 64)  # another scorer's file is never mixed in
+    assert other.lookup([("q1", "p1")])[1] == [0]
