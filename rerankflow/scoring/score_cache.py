@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 
 # files of a Hugging Face checkpoint folder that change what the model outputs
 _MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model")
-_NOT_MODEL_FILES = ("optimizer", "scheduler", "rng_state", "trainer_state", "training_args", "rerankflow", "README")
+_NOT_MODEL_FILES = ("optimizer", "scheduler", "rng_state", "trainer_state", "training_args", "rerankflow", "README",
+                    "import_info")  # import_info.json: where an import came from (a path), not what it computes
 
 
 def _hash_file(h, path: Path) -> None:

@@ -104,6 +104,23 @@ def test_cache_identity_differs_per_path_and_fp32_keeps_its_old_key(tmp_path):
         scorer_identity(ckpt, input_format="pair", template=TEMPLATE, max_length=128, scoring_path="auto")
 
 
+def test_cache_identity_ignores_where_an_import_came_from_and_follows_the_weights(tmp_path):
+    """Two imports of the same packaged model from two installs differ only in import_info.json (the source
+    path): they score alike, so they share cached scores; a changed model file (here config.json) never does."""
+    import shutil
+
+    a = tiny_bert(tmp_path / "a", seed=3)
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    (a / "import_info.json").write_text('{"source": "/one/venv/model.onnx"}')
+    (b / "import_info.json").write_text('{"source": "/other/venv/model.onnx"}')
+    ident = lambda m: scorer_identity(m, input_format="pair", template=TEMPLATE, max_length=128,  # noqa: E731
+                                      scoring_path="torch_bf16")
+    assert ident(a) == ident(b)
+    (b / "config.json").write_text((b / "config.json").read_text().replace("{", '{"_changed": 1, ', 1))
+    assert ident(a) != ident(b)
+
+
 # ------------------------------------------------------------------------------ through evaluate()
 @pytest.fixture(scope="module")
 def eval_setup(tmp_path_factory):
