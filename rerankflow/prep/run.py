@@ -231,7 +231,8 @@ def _write_training_files(out_dir: Path, mine_q: list[dict], mined, pids: list[s
 
 
 def _teacher_scorer(teacher: dict, batch_size: int, device: str, precision: str):
-    """``score_pairs(pairs, desc)`` with the teacher cross-encoder, built like stage 3 builds the base's scorer
+    """``score_pairs(pairs, desc)`` with the teacher cross-encoder (its ``from_cache`` attribute counts the pairs
+    the score cache answered), built like stage 3 builds the base's scorer
     (its input format, the prompt template and max_length of ``reranker``), in ``precision`` (fp32 or bf16).
 
     With ``teacher["score_cache_dir"]`` (stage 3's score cache, ``eval.score_cache_dir``) scores are looked
@@ -260,7 +261,13 @@ def _teacher_scorer(teacher: dict, batch_size: int, device: str, precision: str)
         cache = ScoreCache(teacher["score_cache_dir"], ident, {"checkpoint": str(teacher["model"]), "scoring_path": path,
                                                               "input_format": teacher["input_format"],
                                                               "max_length": int(teacher["max_length"])})
-    return lambda pairs, desc: cached_score(pairs, cache, make_scorer, sort_by_length=True, desc=desc)[0]
+    def score_pairs(pairs, desc):
+        scores, info = cached_score(pairs, cache, make_scorer, sort_by_length=True, desc=desc)
+        score_pairs.from_cache += info["cached_pairs"]
+        return scores
+
+    score_pairs.from_cache = 0  # pairs answered by the score cache so far
+    return score_pairs
 
 
 def run_prep(out_dir, prep_cfg: dict, retrieval_cfg: dict, *, seed: int, sdg_path=None, device: str,
@@ -347,8 +354,10 @@ def run_prep(out_dir, prep_cfg: dict, retrieval_cfg: dict, *, seed: int, sdg_pat
     if distill:
         t_distill = time.time()
         train_idx = [i for i, q in enumerate(mine_q) if q["split"] == "train"]
+        cached_before = score_pairs.from_cache
         distill_stats = teacher_scores(mined, [q["question"] for q in mine_q], texts, score_pairs=score_pairs,
                                        only=train_idx)
+        distill_stats["from_score_cache"] = score_pairs.from_cache - cached_before
         fs_weight = float(prep_cfg["teacher_first_stage_weight"])
         if fs_weight > 0:
             mix_first_stage(mined, train_idx, fs_weight)
@@ -356,8 +365,9 @@ def run_prep(out_dir, prep_cfg: dict, retrieval_cfg: dict, *, seed: int, sdg_pat
                          "max_length": int(teacher["max_length"]), "precision": precision,
                          "first_stage_weight": fs_weight, **distill_stats,
                          "seconds": round(time.time() - t_distill, 2)}
-        log.info("teacher: scored %d training pairs (%d reused from denoising) in %.1f s for distillation",
-                 distill_stats["pairs"], distill_stats["reused"], distill_stats["seconds"])
+        log.info("teacher: %d training pairs for distillation (%d of them from the score cache; %d more reused from "
+                 "denoising) in %.1f s", distill_stats["pairs"], distill_stats["from_score_cache"], distill_stats["reused"],
+                 distill_stats["seconds"])
     val_run, val_recall = {}, None
     if by_split["val"] and int(val_candidates) > 0:
         val_run, _ = first_stage.retrieve(corpus, {q["qid"]: q["question"] for q in by_split["val"]},

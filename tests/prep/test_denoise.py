@@ -216,14 +216,16 @@ def test_teacher_scores_are_shared_through_the_score_cache(beir, teacher, tmp_pa
     import rerankflow.scoring.cross_encoder as ce
 
     cached = {**teacher, "score_cache_dir": str(tmp_path / "scores")}
-    _run(_distilling(_config(beir, tmp_path, teacher_batch_size=4)), tmp_path / "first", teacher=cached)
+    s1, _ = _run(_distilling(_config(beir, tmp_path, teacher_batch_size=4)), tmp_path / "first", teacher=cached)
+    assert s1["teacher_scores"]["from_score_cache"] == 0
     first = json.loads((tmp_path / "first/train_mined.automodel.json").read_text())["data"]
     assert list((tmp_path / "scores").glob("*.json")), "the teacher's scores were stored"
 
     def no_model(*args, **kwargs):
         raise AssertionError("the teacher model was loaded although every score was cached")
     monkeypatch.setattr(ce, "CrossEncoderScorer", no_model)
-    _run(_distilling(_config(beir, tmp_path, teacher_batch_size=4)), tmp_path / "again", teacher=cached)
+    s2, _ = _run(_distilling(_config(beir, tmp_path, teacher_batch_size=4)), tmp_path / "again", teacher=cached)
+    assert s2["teacher_scores"]["from_score_cache"] == s2["teacher_scores"]["pairs"] == s1["teacher_scores"]["pairs"] > 0
     again = json.loads((tmp_path / "again/train_mined.automodel.json").read_text())["data"]
     assert [[d["teacher"] for d in r["pos_doc"] + r["neg_doc"]] for r in again] == \
         [[d["teacher"] for d in r["pos_doc"] + r["neg_doc"]] for r in first]
