@@ -475,6 +475,7 @@ def test_rule_endpoint_mismatch_fails_and_keeps_results(setup, tmp_path):
         'def bge_model_dir(): return []\n'
         'def first_stage_inputs(): return []\n'
         'def retrieval_params(): return config["retrieval"]\n'
+        'def scoring_gpus(): return 0\n'
         f'include: "{REPO}/rules/eval.smk"\n')
     server = _RankingServer(lambda q, ps: [float(len(p)) for p in ps])
     cfg = {"output_dir": "out", "seed": 1, "device": "cpu", "test_base": str(setup["base"]),
