@@ -43,7 +43,9 @@ def test_smaller_corpus_is_a_prefix_of_a_larger_one_and_has_planted_duplicates()
 def test_tiny_size_runs_end_to_end(method):
     row = bench_scale.measure(2_000, method, 40, seed=0)
     assert row["size"] == 2_000 and row["method"] == method and row["queries"] == 40
-    assert row["index_s"] >= 0 and row["search_s"] > 0 and row["ms_per_query"] > 0
+    # search_s is printed to 0.01 s, and a warm 2,000-passage search can take under 5 ms (then 0.0): the
+    # per-query figure comes from the unrounded time
+    assert row["index_s"] >= 0 and row["search_s"] >= 0 and row["ms_per_query"] > 0
     assert 0 < row["data_mb"] <= row["peak_rss_mb"]
     checks = {"flat": ("target_at_1", 0.8), "hnsw": ("recall_at_10_vs_exact", 0.9), "bm25": ("target_in_top100", 0.8)}
     if method in checks:
