@@ -44,6 +44,9 @@ def config_warnings(config: dict) -> list[str]:
         out.append(f"prep.hard_negatives_to_mine={n_neg} < finetune.train_n_passages - 1 = {n_passages - 1}: "
                    "training fills the missing negatives with random corpus passages (easy negatives); "
                    "mine at least train_n_passages - 1")
+    if config["prep"]["teacher_first_stage_weight"] and config["finetune"]["loss"] != "distill":
+        out.append(f"prep.teacher_first_stage_weight={config['prep']['teacher_first_stage_weight']} has no effect: "
+                   f"it shapes the teacher of finetune.loss distill, and the loss is {config['finetune']['loss']}")
     return out
 
 

@@ -60,6 +60,16 @@ def test_too_few_mined_negatives_for_the_training_group_is_one_warning():
                                     "mine at least train_n_passages - 1"]
 
 
+def test_a_first_stage_weight_for_the_teacher_without_distillation_is_one_warning():
+    from rerankflow.config import config_warnings, load_config
+
+    cfg = load_config({"prep": {"teacher_first_stage_weight": 1.0}})
+    assert config_warnings(cfg) == ["prep.teacher_first_stage_weight=1.0 has no effect: it shapes the teacher of "
+                                    "finetune.loss distill, and the loss is listwise"]
+    assert config_warnings(load_config({"prep": {"teacher_first_stage_weight": 1.0},
+                                        "finetune": {"loss": "distill"}})) == []
+
+
 # ------------------------------------------------------------------ configured input paths (issue 19, item 5)
 def _beir(folder, files=("corpus.jsonl", "queries.jsonl", "qrels/test.tsv", "qrels/train.tsv")):
     for rel in files:
